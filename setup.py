@@ -1,0 +1,70 @@
+"""Packaging for gocept.amqprun."""
+import os
+
+from setuptools import find_namespace_packages
+from setuptools import setup
+
+
+def read(*names):
+    """Return the text of a file next to this one."""
+    here = os.path.dirname(__file__)
+    with open(os.path.join(here, *names), encoding='utf-8') as f:
+        return f.read()
+
+
+TESTING = ['pytest', 'pytest-timeout']
+
+setup(
+    name='gocept.amqprun',
+    version='2.0.0.dev0',
+    description='ZTK-integrated daemon framework for AMQP (RabbitMQ) '
+                'message handlers',
+    long_description=read('README.rst') + '\n\n' + read('CHANGES.rst'),
+    long_description_content_type='text/x-rst',
+    license='ZPL-2.1',
+    keywords='amqp rabbitmq zope ztk daemon worker',
+    classifiers=[
+        'Development Status :: 4 - Beta',
+        'Framework :: Zope :: 3',
+        'License :: OSI Approved :: Zope Public License',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
+        'Programming Language :: Python :: 3.11',
+        'Topic :: System :: Networking',
+    ],
+    package_dir={'': 'src'},
+    packages=find_namespace_packages('src', include=['gocept.*']),
+    include_package_data=True,
+    package_data={'gocept.amqprun': ['*.xml', '*.zcml', 'tests/*.conf',
+                                     'tests/*.zcml']},
+    zip_safe=False,
+    python_requires='>=3.9',
+    install_requires=[
+        'amqp >= 5.1',
+        'setuptools',
+        'transaction >= 3.0',
+        'ZConfig >= 3.6',
+        'zdaemon',
+        'zope.component[zcml]',
+        'zope.configuration',
+        'zope.event',
+        'zope.exceptions',
+        'zope.interface',
+        'zope.schema',
+    ],
+    extras_require={
+        'security': ['zope.security'],
+        'writefiles': [],
+        'readfiles': [],
+        'testing': TESTING,
+        'test': TESTING + ['zope.security', 'zc.buildout'],
+    },
+    entry_points={
+        'console_scripts': [
+            'server = gocept.amqprun.main:main',
+        ],
+        'pytest11': [
+            'gocept.amqprun = gocept.amqprun.testing',
+        ],
+    },
+)
