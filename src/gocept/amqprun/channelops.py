@@ -1,0 +1,87 @@
+"""Commit and Reject: made on a worker, carried out by the I/O thread.
+
+Runs on: both. A worker builds an op and blocks in ``wait()``; the server
+calls ``execute(channel)`` on the I/O thread and then ``resolve()``. The
+server commits the AMQP transaction of all ops it executed on one channel in
+one ``tx.commit`` (group commit): each op's ack and publishes are still
+atomic, since they all succeed or fail together.
+"""
+import threading
+
+import zope.interface
+
+import gocept.amqprun.interfaces
+
+
+@zope.interface.implementer(gocept.amqprun.interfaces.IChannelOp)
+class ChannelOp:
+    """Base class: a piece of channel work with a result a thread waits for.
+
+    ``delivery`` is the received message's delivery (or None): the server
+    uses it to pick the channel the message arrived on, and refuses the op
+    with ``ConnectionLost`` when that channel is gone.
+    """
+
+    #: Seconds since the epoch before which the server must not execute it.
+    not_before = 0
+
+    def __init__(self, delivery=None):
+        self.delivery = delivery
+        self._done = threading.Event()
+        self._error = None
+
+    def execute(self, channel):
+        """Do the work on ``channel`` (the I/O thread's, never shared)."""
+        raise NotImplementedError()
+
+    def resolve(self, error=None):
+        """Record the outcome and wake the waiting thread. I/O thread."""
+        self._error = error
+        self._done.set()
+
+    def wait(self, timeout):
+        """Block until resolved; raise the op's error. Worker threads."""
+        if not self._done.wait(timeout):
+            raise gocept.amqprun.interfaces.CommitFailed(
+                'The I/O thread did not carry out %r within %s seconds' % (
+                    self, timeout))
+        if self._error is not None:
+            raise self._error
+
+
+class Commit(ChannelOp):
+    """Ack the received message (if any) and publish the messages."""
+
+    def __init__(self, delivery, messages):
+        super().__init__(delivery)
+        self.messages = list(messages)
+
+    def __repr__(self):
+        return '<Commit ack=%s publish=%d>' % (
+            self.delivery.tag if self.delivery else None, len(self.messages))
+
+    def execute(self, channel):
+        """Ack and publish; the server's ``tx.commit`` makes it durable."""
+        if self.delivery is not None:
+            channel.basic_ack(self.delivery.tag)
+        for message in self.messages:
+            channel.publish(message)
+
+
+class Reject(ChannelOp):
+    """Give a received message back to the broker (requeue it).
+
+    ``delay`` seconds pass first, so a failing message cannot spin in a hot
+    loop; meanwhile it keeps its prefetch slot, which throttles delivery.
+    """
+
+    def __init__(self, delivery, delay=0, now=0):
+        super().__init__(delivery)
+        self.not_before = now + delay if delay else 0
+
+    def __repr__(self):
+        return '<Reject tag=%s>' % self.delivery.tag
+
+    def execute(self, channel):
+        """Reject with requeue; rejects are transactional in RabbitMQ."""
+        channel.basic_reject(self.delivery.tag, requeue=True)

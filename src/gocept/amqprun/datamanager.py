@@ -1,0 +1,88 @@
+"""AMQPDataManager: joins the transaction, commits on the broker in vote.
+
+Runs on: a worker thread. Two-phase commit mapped onto AMQP:
+
+``abort``
+    Forget the session's messages; nothing reaches the broker.
+``tpc_begin``, ``commit``
+    Build the ``Commit`` op (ack + publishes); nothing on the wire yet.
+``tpc_vote``
+    Submit the op to the I/O thread and wait: it acks, publishes and
+    ``tx.commit``\\ s. A broker error here is a "no" vote. ``sortKey`` sorts
+    last, so every other resource (databases, files) has voted yes first.
+``tpc_finish``
+    Mark the received message settled. Never raises.
+``tpc_abort``
+    Forget the session's messages. Never raises. (The worker gives an
+    unsettled received message back to the broker.)
+"""
+import logging
+
+import transaction.interfaces
+import zope.interface
+
+
+log = logging.getLogger(__name__)
+
+#: How long a worker waits for the I/O thread to carry out its commit.
+COMMIT_TIMEOUT = 60
+
+
+@zope.interface.implementer(transaction.interfaces.IDataManagerSavepoint)
+class NoOpSavepoint:
+    """Savepoints are accepted; rolling back keeps the queued messages."""
+
+    def rollback(self):
+        """Nothing to undo on the broker side."""
+
+
+@zope.interface.implementer(transaction.interfaces.ISavepointDataManager)
+class AMQPDataManager:
+    """Commits one session's ack and publishes in one AMQP transaction."""
+
+    transaction_manager = None
+
+    def __init__(self, session):
+        self.session = session
+        self._op = None
+
+    def __repr__(self):
+        return '<AMQPDataManager for %r>' % self.session
+
+    def abort(self, txn):
+        """Forget the queued messages (idempotent, any state)."""
+        self._op = None
+        self.session.reset()
+
+    def tpc_begin(self, txn):
+        """Nothing to do before the commit."""
+
+    def commit(self, txn):
+        """Freeze what will be sent."""
+        self._op = self.session.commit_op()
+
+    def tpc_vote(self, txn):
+        """Have the I/O thread ack, publish and ``tx.commit``; wait."""
+        if self._op.delivery is None and not self._op.messages:
+            return
+        self.session.server.submit(self._op)
+        self._op.wait(COMMIT_TIMEOUT)
+
+    def tpc_finish(self, txn):
+        """The broker committed: mark the message settled."""
+        self.session.committed()
+        self._op = None
+        self.session.reset()
+
+    def tpc_abort(self, txn):
+        """Forget the queued messages; never raises."""
+        self._op = None
+        self.session.reset()
+
+    def sortKey(self):
+        """Sort after every other resource, so the broker commits last."""
+        return '~~gocept.amqprun'
+
+    def savepoint(self):
+        """Support savepoints as a no-op (messages are sent at commit)."""
+        return NoOpSavepoint()

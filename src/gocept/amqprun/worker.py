@@ -1,0 +1,268 @@
+"""Worker(Pool): task -> transaction -> handler -> commit or give back.
+
+Runs on: the worker threads. A worker takes a task from the server's queue,
+begins a transaction, joins the session's data manager and calls the
+handler. The commit is carried out by the I/O thread (see
+``datamanager``); the worker only waits for its outcome. A message whose
+transaction did not commit goes back to the broker after the retry delay,
+or to the dead-letter destination once it used up its attempts.
+"""
+import collections
+import logging
+import threading
+import time
+
+import transaction
+
+import gocept.amqprun.channelops
+import gocept.amqprun.interfaces
+import gocept.amqprun.message
+import gocept.amqprun.security
+import gocept.amqprun.session
+
+
+log = logging.getLogger(__name__)
+
+#: Handed to each worker to make it stop.
+STOP = object()
+
+#: How many body bytes a DEBUG line shows.
+BODY_PREVIEW = 200
+
+
+class RetryPolicy:
+    """What happens to a message whose handler failed.
+
+    It goes back to the broker after ``delay`` seconds; once it failed
+    ``max_attempts`` times (0: never give up) it is acked and a copy goes to
+    ``dead_letter_routing_key`` on ``dead_letter_exchange`` with the error
+    and the attempt count in its headers. Without a dead-letter routing key
+    it is retried forever, so nothing is lost by default.
+    """
+
+    def __init__(self, delay=1.0, max_attempts=0,
+                 dead_letter_routing_key=None,
+                 dead_letter_exchange='amq.topic'):
+        self.delay = float(delay)
+        self.max_attempts = int(max_attempts)
+        self.dead_letter_routing_key = dead_letter_routing_key
+        self.dead_letter_exchange = dead_letter_exchange
+
+    def gives_up(self, attempts):
+        """True when a message that failed ``attempts`` times is dead."""
+        return bool(self.max_attempts and self.dead_letter_routing_key
+                    and attempts >= self.max_attempts)
+
+    def dead_letter(self, message, error):
+        """Return the copy of ``message`` for the dead-letter destination."""
+        headers = dict(message.header.headers or {})
+        headers.update({
+            'x-amqprun-error': error,
+            'x-amqprun-attempts': self.max_attempts,
+            'x-amqprun-routing-key': message.routing_key or '',
+            'x-amqprun-exchange': message.exchange or '',
+        })
+        properties = {name: getattr(message.header, name) for name in
+                      gocept.amqprun.message.PROPERTY_NAMES}
+        return gocept.amqprun.message.Message(
+            gocept.amqprun.message.Header(headers=headers, **properties),
+            message.body, routing_key=self.dead_letter_routing_key,
+            exchange=self.dead_letter_exchange)
+
+
+class FailureCounter:
+    """Counts the failed attempts per message (by message id), thread-safe.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {}
+
+    @staticmethod
+    def _key(message):
+        return message.header.message_id or hash(
+            (message.routing_key, message.body))
+
+    def record(self, message):
+        """Count one more failure; return the number of failures so far."""
+        with self._lock:
+            key = self._key(message)
+            count = self._counts[key] = self._counts.get(key, 0) + 1
+        delivery_count = (message.header.headers or {}).get(
+            'x-delivery-count')  # quorum queues count for us
+        if isinstance(delivery_count, int):
+            count = max(count, delivery_count + 1)
+        return count
+
+    def forget(self, message):
+        """The message is done with: drop its count."""
+        with self._lock:
+            self._counts.pop(self._key(message), None)
+
+
+class Worker(threading.Thread):
+    """Handles tasks from ``pool.server.tasks`` until told to stop."""
+
+    def __init__(self, pool, number):
+        super().__init__(name='amqprun-worker-%d' % number, daemon=True)
+        self.pool = pool
+        self.server = pool.server
+
+    def run(self):
+        """Take tasks until STOP or until the pool is stopping."""
+        while True:
+            task = self.server.tasks.get()
+            if task is STOP or self.pool.stopping.is_set():
+                # An unhandled task is unacked: the broker redelivers it
+                # when the connection closes.
+                return
+            self.handle(task)
+
+    def handle(self, task):
+        """Handle one task in a transaction; give it back if not committed.
+        """
+        message, handler = task.message, task.handler
+        session = gocept.amqprun.session.Session(self.server, message)
+        log.debug("Processing message %s %s (%s) with '%s'",
+                  message.delivery_tag, message.header.message_id,
+                  message.routing_key, task.handler_name)
+        log.debug('Body: %r', (message.body or b'')[:BODY_PREVIEW])
+        started = time.monotonic()
+        error = None
+        try:
+            with self.server.handling(session), \
+                    gocept.amqprun.security.interaction(handler.principal):
+                error = self._run_transaction(session, message, handler)
+        except Exception as e:  # pragma: no cover (defensive: keep going)
+            log.error('Unhandled exception, prevent thread from crashing',
+                      exc_info=True)
+            error = e
+        duration = time.monotonic() - started
+        if session.settled:
+            self.pool.record('handled')
+            self.pool.failures.forget(message)
+            log.info("Handled message %s (%s) with '%s' in %.3f s",
+                     message.header.message_id, message.routing_key,
+                     task.handler_name, duration)
+        else:
+            self.pool.record('failed')
+            self._give_back(message, handler, error)
+
+    def _run_transaction(self, session, message, handler):
+        """Run the handler and commit; return the error or None."""
+        response = None
+        try:
+            transaction.begin()
+            session.join_transaction()
+            response = handler(message)
+            outgoing = (response.responses
+                        if gocept.amqprun.interfaces.IResponse.providedBy(
+                            response) else response)
+            for outgoing_message in outgoing:
+                log.debug('Sending message to %s in response to message %s',
+                          outgoing_message.routing_key,
+                          message.delivery_tag)
+                session.send(outgoing_message)
+            transaction.commit()
+        except Exception as e:
+            log.error('Error while processing message %s (%s)',
+                      message.delivery_tag, message.header.message_id,
+                      exc_info=True)
+            transaction.abort()
+            if gocept.amqprun.interfaces.IResponse.providedBy(response):
+                self._report_commit_error(session, message, response)
+            return e
+        return None
+
+    def _report_commit_error(self, session, message, response):
+        """IResponse: ack the message with the response's error messages."""
+        try:
+            transaction.begin()
+            session.acknowledge(message)
+            for error_message in response.exception():
+                session.send(error_message)
+            transaction.commit()
+        except Exception:
+            log.error('Error during exception handling', exc_info=True)
+            transaction.abort()
+
+    def _give_back(self, message, handler, error):
+        """Requeue the message after the delay, or dead-letter it."""
+        policy = getattr(handler, 'retry_policy', None) or self.pool.policy
+        attempts = self.pool.failures.record(message)
+        error_text = '%s: %s' % (type(error).__name__, error)
+        if policy.gives_up(attempts) and self._dead_letter(
+                message, policy, error_text):
+            return
+        self.pool.record('retried')
+        log.warning('Message %s (%s) failed %d time(s); returning it to the '
+                    'broker in %.1f s', message.header.message_id,
+                    message.routing_key, attempts, policy.delay)
+        self.server.submit(gocept.amqprun.channelops.Reject(
+            message.delivery, delay=policy.delay, now=time.time()))
+
+    def _dead_letter(self, message, policy, error_text):
+        """Ack the message and publish it to the dead-letter destination."""
+        op = gocept.amqprun.channelops.Commit(
+            message.delivery, [policy.dead_letter(message, error_text)])
+        self.server.submit(op)
+        try:
+            op.wait(60)
+        except gocept.amqprun.interfaces.AMQPRunError:
+            log.error('Could not dead-letter message %s',
+                      message.header.message_id, exc_info=True)
+            return False
+        self.pool.record('dead-lettered')
+        self.pool.failures.forget(message)
+        log.error("Message %s (%s) failed %d times; sent it to '%s'",
+                  message.header.message_id, message.routing_key,
+                  policy.max_attempts, policy.dead_letter_routing_key)
+        return True
+
+
+class WorkerPool:
+    """``amount`` worker threads sharing the server's task queue."""
+
+    def __init__(self, server, amount, policy=None):
+        self.server = server
+        self.amount = amount
+        self.policy = policy or RetryPolicy()
+        self.failures = FailureCounter()
+        self.stopping = threading.Event()
+        self.stats = collections.Counter()
+        self._stats_lock = threading.Lock()
+        self.workers = []
+
+    def record(self, outcome):
+        """Count one message outcome (for the summary at shutdown)."""
+        with self._stats_lock:
+            self.stats[outcome] += 1
+
+    def start(self):
+        """Start the worker threads."""
+        self.workers = [Worker(self, number + 1)
+                        for number in range(self.amount)]
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self, timeout):
+        """Let running handlers finish (at most ``timeout`` seconds).
+
+        Tasks not yet started stay unacked and go back to the broker.
+        Returns the workers still running after the timeout.
+        """
+        self.stopping.set()
+        for _ in self.workers:
+            self.server.tasks.put(STOP)
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.join(max(0, deadline - time.monotonic()))
+        return [worker for worker in self.workers if worker.is_alive()]
+
+    def summary(self):
+        """One line: how many messages were handled, failed, retried."""
+        with self._stats_lock:
+            stats = dict(self.stats)
+        return ('handled %d, failed %d, retried %d, dead-lettered %d' % (
+            stats.get('handled', 0), stats.get('failed', 0),
+            stats.get('retried', 0), stats.get('dead-lettered', 0)))
