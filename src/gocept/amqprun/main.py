@@ -14,6 +14,7 @@ import sys
 import threading
 
 import zope.component
+import zope.component.event  # noqa: F401 (dispatches events to handlers)
 import zope.configuration.xmlconfig
 import zope.event
 

@@ -11,6 +11,7 @@ to 127.0.0.1. The system broker, ``/etc/rabbitmq`` and ``/var/lib/rabbitmq``
 are neither used nor touched, and no process is ever stopped by name.
 """
 import atexit
+import glob
 import itertools
 import logging
 import os
@@ -108,7 +109,7 @@ class RabbitMQNode:
 
     @property
     def is_running(self):
-        """Whether :meth:`start` succeeded and :meth:`stop` was not called."""
+        """Whether the server process was started and not yet stopped."""
         return self._server is not None
 
     @property
@@ -306,25 +307,21 @@ class RabbitMQNode:
     def _start_server(self, deadline):
         """Start rabbitmq-server and wait until it has fully booted.
 
-        The AMQP port opens near the end of the boot; ``await_startup``
-        then confirms the node itself considers the boot finished.
+        The AMQP port opens near the end of the boot, long after the node
+        registered with epmd; ``rabbitmqctl await_startup`` (which exits
+        69 at once for a node not yet registered) then confirms that the
+        node itself considers the boot finished.
         """
         self._server = self._spawn([RABBITMQ_SERVER], 'stdout.log')
         while not _accepts_connections(self.hostname, self.port):
             self._check_progress(deadline, 'the AMQP port %d' % self.port)
             time.sleep(POLL_INTERVAL)
-        while True:
+        try:
             remaining = max(1, int(deadline - time.monotonic()))
-            try:
-                self.ctl('await_startup', '--timeout', str(remaining),
-                         timeout=remaining + 10)
-                return
-            except RuntimeError as e:
-                # Exits 69 at once while the node is not registered with
-                # epmd (yet); retry until the deadline.
-                waiting_for = 'rabbitmqctl await_startup (%s)' % e
-            self._check_progress(deadline, waiting_for)
-            time.sleep(POLL_INTERVAL)
+            self.ctl('await_startup', '--timeout', str(remaining),
+                     timeout=remaining + 10)
+        except RuntimeError as e:  # pragma: no cover (the port is open)
+            raise self._failure(str(e))
 
     def _spawn(self, command, output_name):
         """Start `command` in its own session, output to a log file.
@@ -359,12 +356,9 @@ class RabbitMQNode:
 
     def _log_tail(self):
         """Return the last lines of each log file in the node's directory."""
-        log_dir = os.path.join(self.directory, 'log')
         parts = []
-        for name in sorted(os.listdir(log_dir)):
-            path = os.path.join(log_dir, name)
-            if not os.path.isfile(path):
-                continue
+        for path in sorted(glob.glob(
+                os.path.join(self.directory, 'log', '*.log'))):
             with open(path, errors='replace') as f:
                 lines = f.readlines()[-LOG_TAIL_LINES:]
             parts.append('--- %s ---\n%s' % (path, ''.join(lines)))
@@ -400,13 +394,11 @@ def _has_exited(process):
     Not reaping keeps the pid (and so the process group id) reserved for
     us until :func:`_terminate` has signalled the group.
     """
-    if process.returncode is not None:
-        return True
     try:
         info = os.waitid(os.P_PID, process.pid,
                          os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:  # pragma: no cover (reaped behind our back)
-        return True
+    except ChildProcessError:  # pragma: no cover (SIGCHLD is ignored)
+        return True  # the kernel reaped it already
     return info is not None
 
 
@@ -423,7 +415,7 @@ def _terminate(process, name):
         while not _has_exited(process) and time.monotonic() < deadline:
             time.sleep(POLL_INTERVAL)
         if not _has_exited(process):
-            log.warning('%s (pid %d) ignored SIGTERM for %d s, killing it',
+            log.warning('%s (pid %d) ignored SIGTERM for %s s, killing it',
                         name, process.pid, STOP_TIMEOUT)
     _signal(-process.pid, signal.SIGKILL)
     process.wait()
@@ -435,7 +427,7 @@ def _signal(pid, signum):
     """Send `signum` to `pid` (a group when negative); ignore ESRCH."""
     try:
         os.kill(pid, signum)
-    except ProcessLookupError:
+    except ProcessLookupError:  # pragma: no cover (see _has_exited)
         pass
 
 

@@ -110,13 +110,17 @@ class Worker(threading.Thread):
 
     def run(self):
         """Take tasks until STOP or until the pool is stopping."""
+        tasks = self.server.tasks
         while True:
-            task = self.server.tasks.get()
-            if task is STOP or self.pool.stopping.is_set():
-                # An unhandled task is unacked: the broker redelivers it
-                # when the connection closes.
-                return
-            self.handle(task)
+            task = tasks.get()
+            try:
+                if task is STOP or self.pool.stopping.is_set():
+                    # An unhandled task is unacked: the broker redelivers
+                    # it when the connection closes.
+                    return
+                self.handle(task)
+            finally:
+                tasks.task_done()
 
     def handle(self, task):
         """Handle one task in a transaction; give it back if not committed.

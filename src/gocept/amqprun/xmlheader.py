@@ -53,6 +53,7 @@ CLASS_NAME = 'BasicProperties'
 ATTRIBUTE_NAMES = tuple(
     sorted(gocept.amqprun.message.PROPERTY_NAMES + ('headers',)))
 
+#: The first line of a header file, spelt as zope.xmlpickle did.
 XML_DECLARATION = '<?xml version="1.0" encoding="utf-8" ?>'
 
 # Dict keys written as ``<item key="...">``; zope.xmlpickle's rule (at
