@@ -29,6 +29,27 @@ class ChannelOp:
         self.delivery = delivery
         self._done = threading.Event()
         self._error = None
+        self._lock = threading.Lock()
+        self._state = 'pending'
+
+    def claim(self):
+        """Take the op for execution; False when its waiter gave up.
+
+        I/O thread. Guarantees that an op whose ``wait()`` timed out is
+        never carried out later behind the waiter's back.
+        """
+        with self._lock:
+            if self._state != 'pending':
+                return False
+            self._state = 'claimed'
+            return True
+
+    def _abandon(self):
+        with self._lock:
+            if self._state != 'pending':
+                return False  # being executed: its outcome is coming
+            self._state = 'abandoned'
+            return True
 
     def execute(self, channel):
         """Do the work on ``channel`` (the I/O thread's, never shared)."""
@@ -41,10 +62,11 @@ class ChannelOp:
 
     def wait(self, timeout):
         """Block until resolved; raise the op's error. Worker threads."""
-        if not self._done.wait(timeout):
+        if not self._done.wait(timeout) and self._abandon():
             raise gocept.amqprun.interfaces.CommitFailed(
                 'The I/O thread did not carry out %r within %s seconds' % (
                     self, timeout))
+        self._done.wait()
         if self._error is not None:
             raise self._error
 

@@ -364,6 +364,8 @@ class Server:
         """Execute all due ops; commit each channel's share once."""
         batches = {}
         for op in self._take_due_ops():
+            if not op.claim():
+                continue  # its waiter gave up; it must not happen now
             channel = self._channel_for(op)
             if channel is None:
                 op.resolve(gocept.amqprun.interfaces.ConnectionLost(

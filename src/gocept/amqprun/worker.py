@@ -192,6 +192,12 @@ class Worker(threading.Thread):
 
     def _give_back(self, message, handler, error):
         """Requeue the message after the delay, or dead-letter it."""
+        if isinstance(error, gocept.amqprun.interfaces.ConnectionLost):
+            # Not the handler's fault: the broker redelivers the message.
+            log.warning('Message %s (%s) goes back to the broker: %s',
+                        message.header.message_id, message.routing_key,
+                        error)
+            return
         policy = getattr(handler, 'retry_policy', None) or self.pool.policy
         attempts = self.pool.failures.record(message)
         error_text = '%s: %s' % (type(error).__name__, error)
