@@ -15,6 +15,7 @@ import threading
 
 import zope.component
 import zope.component.event  # noqa: F401 (dispatches events to handlers)
+import zope.configuration.exceptions
 import zope.configuration.xmlconfig
 import zope.event
 
@@ -128,7 +129,7 @@ def configure(conf):
 def describe_configuration_error(error, conf):
     """One line naming what is wrong with the configuration."""
     text = gocept.amqprun.config.one_line(error)
-    if isinstance(error, zope.configuration.xmlconfig.ZopeXMLConfigurationError):
+    if isinstance(error, zope.configuration.exceptions.ConfigurationError):
         return 'Invalid ZCML file %s: %s' % (
             conf.worker.component_configuration, text)
     return 'Cannot start: %s' % text
@@ -183,3 +184,7 @@ def shut_down(conf, pool, server, io_thread):
     if server.error is not None:
         return 1
     return _exit_status
+
+
+if __name__ == '__main__':
+    main()
