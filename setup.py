@@ -57,14 +57,15 @@ setup(
         'writefiles': [],
         'readfiles': [],
         'testing': TESTING,
-        'test': TESTING + ['zope.security', 'zc.buildout'],
+        'test': TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner'],
     },
     entry_points={
         'console_scripts': [
             'server = gocept.amqprun.main:main',
+            'amqprun-send = gocept.amqprun.send:main',
         ],
         'pytest11': [
-            'gocept.amqprun = gocept.amqprun.testing',
+            'gocept.amqprun.testing = gocept.amqprun.testing',
         ],
     },
 )

@@ -44,6 +44,13 @@ class ChannelOp:
             self._state = 'claimed'
             return True
 
+    def unclaim(self):
+        """Make a claimed but not executed op pending again. I/O thread.
+        """
+        with self._lock:
+            if self._state == 'claimed':
+                self._state = 'pending'
+
     def _abandon(self):
         with self._lock:
             if self._state != 'pending':

@@ -12,29 +12,25 @@ import gocept.amqprun.interfaces
 SCHEMA = os.path.join(os.path.dirname(__file__), 'schema.xml')
 
 
-def amqp_server(section):
-    """Datatype of ``<amqp-server>``: check value ranges."""
-    _require(section.heartbeat_interval >= 0, 'heartbeat_interval',
-             'must not be negative')
-    _require(section.prefetch_count is None or section.prefetch_count > 0,
-             'prefetch_count', 'must be positive')
-    _require(section.startup_attempts > 0, 'startup_attempts',
-             'must be positive')
-    return section
+def non_negative_integer(value):
+    """Datatype: an integer >= 0."""
+    return _checked(int(value), lambda v: v >= 0, 'must not be negative')
 
 
-def worker(section):
-    """Datatype of ``<worker>``: check value ranges."""
-    _require(section.amount >= 0, 'amount', 'must not be negative')
-    _require(section.max_attempts >= 0, 'max-attempts',
-             'must not be negative')
-    _require(section.retry_delay >= 0, 'retry-delay', 'must not be negative')
-    return section
+def positive_integer(value):
+    """Datatype: an integer > 0."""
+    return _checked(int(value), lambda v: v > 0, 'must be positive')
 
 
-def _require(condition, key, problem):
-    if not condition:
-        raise ValueError('%s %s' % (key, problem))
+def non_negative_float(value):
+    """Datatype: a number >= 0."""
+    return _checked(float(value), lambda v: v >= 0, 'must not be negative')
+
+
+def _checked(value, condition, problem):
+    if not condition(value):
+        raise ValueError('%s %s' % (value, problem))
+    return value
 
 
 def load(path):
@@ -49,10 +45,6 @@ def load(path):
     except ZConfig.ConfigurationError as e:
         raise gocept.amqprun.interfaces.ConfigurationError(
             'Invalid configuration file %s: %s' % (path, one_line(e))) from e
-    except OSError as e:
-        raise gocept.amqprun.interfaces.ConfigurationError(
-            'Cannot read configuration file %s: %s' % (
-                path, e.strerror or e)) from e
     return config
 
 

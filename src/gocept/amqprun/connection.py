@@ -27,6 +27,16 @@ CONNECTION_ERRORS = (
 #: Broker answers that no retry can fix.
 REFUSALS = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
 
+#: The heartbeat we ask for when ``heartbeat_interval`` is 0. py-amqp turns
+#: heartbeats off for 0, but 0 means "take the broker's proposal" here (as
+#: in the 1.x line): the broker's value wins as the smaller one; a broker
+#: proposing none gets the protocol maximum, which is as good as none.
+ACCEPT_BROKER_HEARTBEAT = 65535
+
+#: Seconds a synchronous broker call (``tx.commit``, ``close``) or a write
+#: may block when the connection has no usable heartbeat to bound it.
+MAX_IO_TIMEOUT = 60.0
+
 
 class Parameters:
     """How to reach the broker and how to behave on the connection.
@@ -86,20 +96,42 @@ def connect(parameters):
         userid=parameters.username or 'guest',
         password=parameters.password or 'guest',
         virtual_host=parameters.virtual_host,
-        heartbeat=parameters.heartbeat_interval,
+        heartbeat=parameters.heartbeat_interval or ACCEPT_BROKER_HEARTBEAT,
         connect_timeout=parameters.connect_timeout,
         ssl=parameters.ssl,
     )
     try:
         connection.connect()
     except REFUSALS as e:
+        connection.collect()
         raise gocept.amqprun.interfaces.AccessRefused(
             'The broker at %s refused user %r on virtual host %r: %s' % (
                 parameters.address, parameters.username or 'guest',
                 parameters.virtual_host, e.reply_text or e)) from e
     except amqp.exceptions.ConnectionForced as e:
+        connection.collect()
         raise ConnectionRefusedError(str(e)) from e
+    except BaseException:
+        connection.collect()  # no half-open socket is left behind
+        raise
+    # py-amqp leaves the socket blocking without a timeout: a synchronous
+    # call (tx.commit, close) or a write on a stalled connection would hang
+    # the I/O thread forever, and heartbeat_tick() never runs meanwhile.
+    # A live broker sends something at least every heartbeat interval.
+    connection.transport.sock.settimeout(io_timeout(connection.heartbeat))
     return connection
+
+
+def io_timeout(heartbeat):
+    """Seconds one blocking read or write may take on a connection.
+
+    Twice the negotiated heartbeat, as py-amqp's heartbeat check allows,
+    at most :data:`MAX_IO_TIMEOUT`; a connection whose socket stays silent
+    that long is dead.
+    """
+    if not heartbeat:
+        return MAX_IO_TIMEOUT
+    return min(2.0 * heartbeat, MAX_IO_TIMEOUT)
 
 
 def open_channel(connection):

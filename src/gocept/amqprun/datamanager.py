@@ -10,8 +10,9 @@ Runs on: a worker thread. Two-phase commit mapped onto AMQP:
     Submit the op to the I/O thread and wait: it acks, publishes and
     ``tx.commit``\\ s. A broker error here is a "no" vote. ``sortKey`` sorts
     last, so every other resource (databases, files) has voted yes first.
+    Once the broker committed, the received message is settled.
 ``tpc_finish``
-    Mark the received message settled. Never raises.
+    Forget the op. Never raises.
 ``tpc_abort``
     Forget the session's messages. Never raises. (The worker gives an
     unsettled received message back to the broker.)
@@ -67,10 +68,12 @@ class AMQPDataManager:
             return
         self.session.server.submit(self._op)
         self._op.wait(COMMIT_TIMEOUT)
+        # Settled now: the broker has the ack, whatever happens to the
+        # other resources' tpc_finish (which runs before ours).
+        self.session.committed()
 
     def tpc_finish(self, txn):
-        """The broker committed: mark the message settled."""
-        self.session.committed()
+        """Forget the committed op."""
         self._op = None
         self.session.reset()
 

@@ -259,8 +259,29 @@ class ConnectionLost(RecoverableError):
     """
 
 
+class AckTimedOut(ConnectionLost):
+    """The broker's ``consumer_timeout`` expired before the delivery was
+    acknowledged.
+
+    The broker closed the channel and redelivers the message (flagged
+    ``redelivered``); the server reconnects. Unlike other connection losses
+    this counts as a failed attempt of the message: its handler ran longer
+    than the broker allows.
+    """
+
+
 class CommitFailed(RecoverableError):
     """The broker did not commit the AMQP transaction."""
+
+
+class CommitInDoubt(ConnectionLost, CommitFailed):
+    """The connection was lost while the AMQP transaction was committed.
+
+    Whether the broker committed it is unknown: the worker's transaction
+    aborts (a "no" vote), and nothing is retried by us. If the broker did
+    commit, the message stays acknowledged and its messages are published;
+    otherwise the broker redelivers it.
+    """
 
 
 class ConfigurationError(FatalError):

@@ -74,7 +74,12 @@ def run(config_file):
     except gocept.amqprun.interfaces.ConfigurationError as e:
         sys.stderr.write('server: %s\n' % e)
         return 2
-    configure_logging(conf)
+    try:
+        configure_logging(conf)
+    except Exception as e:
+        sys.stderr.write('server: Cannot start logging of %s: %s\n' % (
+            config_file, gocept.amqprun.config.one_line(e)))
+        return 2
     try:
         pool, server = configure(conf)
     except Exception as e:

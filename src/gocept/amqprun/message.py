@@ -24,6 +24,13 @@ PROPERTY_NAMES = (
     'correlation_id', 'reply_to', 'expiration', 'message_id', 'timestamp',
     'type', 'user_id', 'app_id', 'cluster_id')
 
+# Per-message helpers below look names up in these instead of looping over
+# PROPERTY_NAMES with getattr/setattr: they run twice for every handled
+# message (delivery in, reply out).
+_PROPERTY_SET = frozenset(PROPERTY_NAMES)
+_NO_PROPERTIES = dict.fromkeys(PROPERTY_NAMES)
+_HEADER_KEYS = ('headers', 'application_headers')
+
 _FQDN = None
 
 
@@ -45,11 +52,13 @@ class Header:
     """
 
     def __init__(self, headers=None, **properties):
-        for name in PROPERTY_NAMES:
-            setattr(self, name, properties.pop(name, None))
-        if properties:
+        unknown = [name for name in properties if name not in _PROPERTY_SET]
+        if unknown:
             raise TypeError(
-                'Unknown message properties: %s' % ', '.join(properties))
+                'Unknown message properties: %s' % ', '.join(unknown))
+        attributes = self.__dict__
+        attributes.update(_NO_PROPERTIES)
+        attributes.update(properties)
         self.headers = headers
 
     @property
@@ -62,8 +71,9 @@ class Header:
 
     def properties(self):
         """Return the set properties as the dict the AMQP client expects."""
-        result = {name: getattr(self, name) for name in PROPERTY_NAMES
-                  if getattr(self, name) is not None}
+        attributes = self.__dict__
+        result = {name: attributes[name] for name in PROPERTY_NAMES
+                  if attributes[name] is not None}
         if self.timestamp is not None:
             result['timestamp'] = int(self.timestamp)
         if self.headers:
@@ -88,26 +98,30 @@ def convert_header(header_dict):
     (a ``headers`` key is merged into them). Defaults: a fresh message id,
     ``delivery_mode`` 2 (persistent) and the current time; given values win.
     """
-    remaining = dict(header_dict)
-    properties = dict(
-        message_id=make_message_id(), delivery_mode=2,
-        timestamp=int(time.time()))
-    for name in PROPERTY_NAMES:
-        if name in remaining:
-            properties[name] = remaining.pop(name)
-    headers = dict(remaining.pop('headers', None) or {})
-    headers.update(remaining.pop('application_headers', None) or {})
-    headers.update(remaining)
+    properties = {}
+    extra = {}
+    for name, value in header_dict.items():
+        if name in _PROPERTY_SET:
+            properties[name] = value
+        elif name not in _HEADER_KEYS:
+            extra[name] = value
+    if 'message_id' not in properties:
+        properties['message_id'] = make_message_id()
+    if 'delivery_mode' not in properties:
+        properties['delivery_mode'] = 2
+    if 'timestamp' not in properties:
+        properties['timestamp'] = int(time.time())
+    headers = dict(header_dict.get('headers') or {})
+    headers.update(header_dict.get('application_headers') or {})
+    headers.update(extra)
     return Header(headers=headers, **properties)
 
 
 def header_from_properties(properties):
     """Return a :class:`Header` for the properties dict of a delivery."""
-    properties = dict(properties)
-    headers = properties.pop('application_headers', None)
-    known = {name: properties[name] for name in PROPERTY_NAMES
-             if name in properties}
-    return Header(headers=headers, **known)
+    known = {name: value for name, value in properties.items()
+             if name in _PROPERTY_SET}
+    return Header(headers=properties.get('application_headers'), **known)
 
 
 _unique_counter = itertools.count()

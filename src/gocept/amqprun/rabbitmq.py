@@ -181,6 +181,26 @@ class RabbitMQNode:
             self.directory = None
             self._owns_directory = False
 
+    def restart(self, timeout=90):
+        """Stop the node's server and start it again, as a broker restart.
+
+        Same directory, node name and ports (epmd keeps running), so
+        durable queues and persistent messages survive and clients can
+        reconnect to the same address. Raises :class:`RuntimeError` as
+        :meth:`start` does.
+        """
+        if self._server is None:
+            raise RuntimeError('RabbitMQ node is not running')
+        log.info('Restarting RabbitMQ node %s', self.nodename)
+        _terminate(self._server, 'rabbitmq-server')
+        self._server = None
+        began = time.monotonic()
+        try:
+            self._start_server(began + timeout)
+        except BaseException:
+            self.stop()
+            raise
+
     def ctl(self, *args, timeout=60):
         """Run ``rabbitmqctl`` with `args` against this node; return stdout.
 

@@ -4,6 +4,8 @@ Runs on: a worker thread. Needs the ``security`` extra (zope.security).
 """
 import contextlib
 
+import zope.interface
+
 import gocept.amqprun.interfaces
 
 
@@ -50,16 +52,24 @@ class Participation:
 def interaction(principal_id):
     """Run the block in an interaction for ``principal_id`` (if not None).
 
-    The interaction ends in every outcome, so none leaks to the next
+    The participation's principal provides ``IPrincipal`` with ``id`` (and
+    ``title``) set to ``principal_id``; the security policy in effect
+    (``zope.security.management.setSecurityPolicy``) decides what it may
+    do. The interaction ends in every outcome, so none leaks to the next
     message handled by this thread.
     """
     if principal_id is None:
         yield
         return
-    import zope.security.management
-    zope.security.management.newInteraction(
-        Participation(Principal(principal_id)))
+    from zope.security import interfaces as security_interfaces
+    from zope.security import management as security_management
+    principal = Principal(principal_id)
+    zope.interface.alsoProvides(principal, security_interfaces.IPrincipal)
+    participation = Participation(principal)
+    zope.interface.alsoProvides(
+        participation, security_interfaces.IParticipation)
+    security_management.newInteraction(participation)
     try:
         yield
     finally:
-        zope.security.management.endInteraction()
+        security_management.endInteraction()

@@ -5,9 +5,10 @@ called from any thread. The server owns the one AMQP connection; no other
 thread touches it. Its loop waits for socket data or a wake-up, turns each
 delivery into a task for the workers, carries out the ops workers submitted
 (committing all ops of one pass in one AMQP transaction per channel) and
-keeps heartbeats flowing. When the connection is lost it fails every pending
-op with ``ConnectionLost``, reconnects with capped exponential backoff,
-re-declares and consumes again.
+keeps heartbeats flowing. When the connection is lost it fails the pending
+ops of the lost connection with ``ConnectionLost`` (sends not yet carried
+out wait for the next connection), drops the deliveries no worker took yet,
+reconnects with capped exponential backoff, re-declares and consumes again.
 """
 import collections
 import contextlib
@@ -17,12 +18,15 @@ import itertools
 import logging
 import os
 import queue
+import re
 import select
 import socket
+import struct
 import threading
 import time
 
 import amqp
+import amqp.exceptions
 import zope.component
 import zope.interface
 
@@ -43,9 +47,12 @@ class Delivery:
     sent on a new channel.
     """
 
-    def __init__(self, generation, tag):
+    def __init__(self, generation, tag, received=None):
         self.generation = generation
         self.tag = tag
+        #: ``time.monotonic()`` when it arrived: tells which of the
+        #: deliveries in flight a broker ``consumer_timeout`` was about.
+        self.received = time.monotonic() if received is None else received
 
     def __repr__(self):
         return '<Delivery %s/%s>' % (self.generation, self.tag)
@@ -79,11 +86,70 @@ class OpChannel:
         self._channel.basic_reject(delivery_tag, requeue)
 
     def publish(self, message):
-        """Publish a :class:`gocept.amqprun.message.Message`."""
+        """Publish a :class:`gocept.amqprun.message.Message`.
+
+        Raises ``CommitFailed`` for a message that cannot be put on the wire
+        (a header value AMQP has no type for, a routing key longer than 255
+        bytes): py-amqp encodes a frame completely before writing it, so the
+        connection is intact and only this op fails.
+        """
         body = message.body if message.body is not None else b''
-        self._channel.basic_publish(
-            amqp.Message(body, **message.header.properties()),
-            exchange=message.exchange, routing_key=message.routing_key or '')
+        try:
+            self._channel.basic_publish(
+                amqp.Message(body, **message.header.properties()),
+                exchange=message.exchange,
+                routing_key=message.routing_key or '')
+        except UNSENDABLE as e:
+            raise gocept.amqprun.interfaces.CommitFailed(
+                'Cannot publish %r: %s' % (message, describe(e))) from e
+
+
+#: What py-amqp raises while encoding a message it cannot send. (Its
+#: FrameSyntaxError is a connection error class, but raised before any byte
+#: of the frame is written.)
+UNSENDABLE = (amqp.exceptions.FrameSyntaxError, struct.error, TypeError,
+              ValueError, OverflowError)
+
+#: RabbitMQ's reply text when it closes a channel because a delivery stayed
+#: unacknowledged longer than ``consumer_timeout``, see
+#: https://www.rabbitmq.com/consumers.html#acknowledgement-timeout
+ACK_TIMEOUT_TEXT = re.compile(r'acknowledgement.*timed out', re.I | re.S)
+ACK_TIMEOUT_VALUE = re.compile(r'(\d+) ms')
+
+
+class Loss:
+    """Why and when the connection of one generation was lost."""
+
+    def __init__(self, error, at, ack_timeout=None):
+        self.error = error
+        self.at = at
+        #: Seconds of the broker's consumer_timeout when it closed the
+        #: channel for it (0 when it did not say), else None.
+        self.ack_timeout = ack_timeout
+
+    @classmethod
+    def of(cls, error, at):
+        """Classify a connection error."""
+        ack_timeout = None
+        if isinstance(error, amqp.exceptions.PreconditionFailed):
+            text = str(error)
+            if ACK_TIMEOUT_TEXT.search(text):
+                value = ACK_TIMEOUT_VALUE.search(text)
+                ack_timeout = int(value.group(1)) / 1000.0 if value else 0
+        return cls(error, at, ack_timeout)
+
+    def error_for(self, delivery):
+        """The error of an op on a ``delivery`` of the lost connection."""
+        # 10 % slack: we saw the delivery a little after the broker sent it.
+        if (self.ack_timeout is not None and delivery is not None
+                and self.at - delivery.received >= 0.9 * self.ack_timeout):
+            return gocept.amqprun.interfaces.AckTimedOut(
+                '%r was not acknowledged within the broker\'s '
+                'consumer_timeout (%.1f s); the broker redelivers it' % (
+                    delivery, self.ack_timeout))
+        return gocept.amqprun.interfaces.ConnectionLost(
+            'The channel of %r is gone (%s); the broker redelivers it' % (
+                delivery, describe(self.error)))
 
 
 @zope.interface.implementer(gocept.amqprun.interfaces.ILoop,
@@ -110,6 +176,8 @@ class Server:
         self._should_stop = False
         self._stop_consuming = False
         self._generation = 0
+        #: generation -> Loss, for the last few lost connections
+        self._losses = {}
         self._channel = None
         self._send_channel = None
         self._consumer_tags = []
@@ -186,6 +254,11 @@ class Server:
         except gocept.amqprun.interfaces.FatalError as e:
             self.error = e
             log.critical('%s', e)
+        except Exception as e:
+            # A bug, not the broker: stop (non-zero exit) rather than spin.
+            self.error = e
+            log.critical('The I/O thread failed: %s', describe(e),
+                         exc_info=True)
         finally:
             self._running.clear()
             self._disconnect()
@@ -199,9 +272,18 @@ class Server:
         while not self._should_stop:
             try:
                 self._connect()
+            except gocept.amqprun.interfaces.AccessRefused as e:
+                if not ever_connected:
+                    raise  # wrong credentials or vhost: fatal at once
+                # Once we were in, a refusal may be a vhost that is still
+                # starting after a broker restart: keep trying.
+                failures += 1
+                self._disconnect(graceful=False)
+                self._back_off(failures, e)
+                continue
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
                 failures += 1
-                self._disconnect()
+                self._disconnect(graceful=False)
                 if (not ever_connected
                         and failures >= self.parameters.startup_attempts):
                     raise gocept.amqprun.interfaces.BrokerUnreachable(
@@ -216,9 +298,7 @@ class Server:
             try:
                 self._serve()
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
-                log.warning('Lost the connection to %s: %s',
-                            self.parameters.address, describe(e))
-                self._lose_connection()
+                self._lose_connection(e)
 
     def _back_off(self, failures, error):
         delay = min(self.parameters.reconnect_delay * 2 ** (failures - 1),
@@ -229,9 +309,15 @@ class Server:
         self._sleep(delay)
 
     def _sleep(self, seconds):
-        """Sleep, but wake up early when stop() is called."""
+        """Sleep, but wake up early when stop() is called.
+
+        Disconnected meanwhile: an op submitted for a delivery fails at
+        once (its tag is dead) instead of waiting for the next connection
+        until its waiter gives up; sends wait for the next connection.
+        """
         deadline = time.monotonic() + seconds
         while not self._should_stop:
+            self._fail_pending(None, stale_only=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -368,13 +454,32 @@ class Server:
                 continue  # its waiter gave up; it must not happen now
             channel = self._channel_for(op)
             if channel is None:
-                op.resolve(gocept.amqprun.interfaces.ConnectionLost(
-                    'The channel of %r is gone; the broker redelivers it'
-                    % op.delivery))
+                op.resolve(self._stale_error(op.delivery))
                 continue
             batches.setdefault(id(channel), (channel, []))[1].append(op)
-        for channel, ops in batches.values():
-            self._commit_batch(channel, ops)
+        batches = list(batches.values())
+        for number, (channel, ops) in enumerate(batches):
+            try:
+                self._commit_batch(channel, ops)
+            except gocept.amqprun.connection.CONNECTION_ERRORS:
+                # The other channels' batches were taken from _ops already:
+                # resolve them here or their waiters hang.
+                for _, others in batches[number + 1:]:
+                    self._give_up_unexecuted(others)
+                raise
+
+    def _give_up_unexecuted(self, ops):
+        """Ops claimed but not executed when the connection failed.
+
+        Sends go back to the queue for the next connection (nothing of
+        them reached the broker); ops on deliveries fail.
+        """
+        for op in ops:
+            if op.delivery is None:
+                op.unclaim()
+                self._ops.append(op)
+            else:
+                op.resolve(self._stale_error(op.delivery))
 
     def _channel_for(self, op):
         if op.delivery is None:
@@ -384,50 +489,197 @@ class Server:
         return self._channel
 
     def _commit_batch(self, channel, ops):
+        """Execute ``ops`` and commit them in one AMQP transaction.
+
+        An op that cannot be carried out (``CommitFailed`` from its
+        ``execute``) fails alone: the transaction is rolled back and the
+        others are executed again. A connection error fails them all and
+        propagates (the caller reconnects).
+        """
         op_channel = OpChannel(channel)
-        executed = []
-        try:
-            for op in ops:
-                op.execute(op_channel)
-                executed.append(op)
-            channel.tx_commit()
-        except gocept.amqprun.connection.CONNECTION_ERRORS as e:
-            error = gocept.amqprun.interfaces.CommitFailed(
-                'AMQP commit failed: %s' % describe(e))
-            for op in ops:
-                op.resolve(error)
-            raise
-        for op in executed:
+        ops = list(ops)
+        while ops:
+            failed = error = None
+            committing = False
+            try:
+                for op in ops:
+                    try:
+                        op.execute(op_channel)
+                    except gocept.amqprun.interfaces.CommitFailed as e:
+                        failed, error = op, e
+                        break
+                if failed is None:
+                    committing = True
+                    channel.tx_commit()
+                else:
+                    channel.tx_rollback()
+            except gocept.amqprun.connection.CONNECTION_ERRORS as e:
+                self._fail_batch(ops, e, committing)
+                raise
+            if failed is None:
+                break
+            log.debug('%r failed, the others are tried again: %s',
+                      failed, error)
+            failed.resolve(error)
+            ops.remove(failed)
+        for op in ops:
             op.resolve()
         log.debug('Committed %d op(s) in one AMQP transaction', len(ops))
 
-    def _lose_connection(self):
+    def _fail_batch(self, ops, error, committing=True):
+        """Resolve the ops of a transaction the connection failed in.
+
+        Before ``tx.commit`` was sent nothing of them can have been
+        committed: sends are kept for the next connection, the others fail
+        with the loss's error. After it the outcome is unknown
+        (``CommitInDoubt``), unless the broker said no (``CommitFailed``).
+        """
+        loss = self._record_loss(error)
+        if not committing:
+            for op in ops:
+                if op.delivery is None:
+                    op.unclaim()
+                    self._ops.append(op)
+                else:
+                    op.resolve(loss.error_for(op.delivery))
+            return
+        in_doubt = gocept.amqprun.interfaces.CommitInDoubt(
+            'The connection was lost during the AMQP commit (%s); outcome '
+            'unknown, the broker redelivers the message unless it '
+            'committed' % describe(error))
+        if loss.ack_timeout is not None:
+            # The consumer channel was closed before our commit on it was
+            # handled (else its commit-ok would have come first); a send
+            # committed on the other channel meanwhile may have gone through.
+            for op in ops:
+                op.resolve(in_doubt if op.delivery is None
+                           else loss.error_for(op.delivery))
+            return
+        if isinstance(error, amqp.exceptions.ChannelError):
+            # The broker refused something in this transaction (e.g. a
+            # publish to a missing exchange) and closed the channel; every
+            # op of it counts as failed.
+            failure = gocept.amqprun.interfaces.CommitFailed(
+                'The broker refused the AMQP transaction: %s'
+                % describe(error))
+        else:
+            log.warning('Connection lost while committing %d op(s): the '
+                        'broker may or may not have committed them; what '
+                        'it did not commit comes back redelivered',
+                        len(ops))
+            failure = in_doubt
+        for op in ops:
+            op.resolve(failure)
+
+    def _record_loss(self, error):
+        """Remember why the current connection was lost (first reason)."""
+        loss = self._losses.get(self._generation)
+        if loss is None:
+            loss = self._losses[self._generation] = Loss.of(
+                error, time.monotonic())
+            for generation in list(self._losses):
+                if generation < self._generation - 10:
+                    del self._losses[generation]
+        return loss
+
+    def _stale_error(self, delivery):
+        """The error for an op on a delivery of a lost connection."""
+        loss = self._losses.get(delivery.generation)
+        if loss is None:
+            return gocept.amqprun.interfaces.ConnectionLost(
+                'The channel of %r is gone; the broker redelivers it'
+                % delivery)
+        return loss.error_for(delivery)
+
+    def _lose_connection(self, error=None):
+        """Log the loss, drop what belongs to the dead connection."""
+        if error is None:
+            error = gocept.amqprun.interfaces.ConnectionLost(
+                'The connection to the broker was lost')
+        loss = self._record_loss(error)
+        if loss.ack_timeout is not None:
+            log.warning(
+                'The broker closed the channel: a delivery was not '
+                'acknowledged within its consumer_timeout (%s). Every '
+                'message in flight is redelivered, flagged redelivered; '
+                'make handlers faster or raise consumer_timeout. '
+                'Reconnecting.', describe(error))
+        else:
+            log.warning('Lost the connection to %s: %s; reconnecting',
+                        self.parameters.address, describe(error))
         self._running.clear()
         self.consuming = False
-        self._disconnect()
-        self._fail_pending(gocept.amqprun.interfaces.ConnectionLost(
-            'The connection to the broker was lost'))
+        # A dead or stalled peer never answers connection.close; a closed
+        # channel leaves a connection that can be closed properly.
+        self._disconnect(graceful=isinstance(error, (
+            amqp.exceptions.ChannelError,
+            gocept.amqprun.interfaces.ConnectionLost)))
+        self._discard_queued_tasks()
+        self._fail_pending(None, stale_only=True)
 
-    def _fail_pending(self, error):
-        pending = list(self._ops) + [item[2] for item in self._delayed]
-        self._ops.clear()
+    def _discard_queued_tasks(self):
+        """Drop deliveries no worker took yet: their tags are dead.
+
+        The broker redelivers them; handling them now would only run the
+        handler for a commit that must fail.
+        """
+        kept = []
+        discarded = 0
+        while True:
+            try:
+                item = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            self.tasks.task_done()
+            if isinstance(item, Task):
+                discarded += 1
+            else:
+                kept.append(item)  # e.g. a worker's stop sentinel
+        for item in kept:
+            self.tasks.put(item)
+        if discarded:
+            log.info('Dropped %d queued delivery(s) of the lost connection; '
+                     'the broker redelivers them', discarded)
+
+    def _fail_pending(self, error, stale_only=False):
+        """Resolve pending ops with ``error`` (or their loss's error).
+
+        With ``stale_only`` sends not yet carried out stay queued for the
+        next connection: nothing of them reached the broker.
+        """
+        pending = []
+        while True:
+            try:
+                pending.append(self._ops.popleft())
+            except IndexError:
+                break
+        pending.extend(item[2] for item in self._delayed)
         self._delayed = []
         for op in pending:
-            op.resolve(error)
+            if stale_only and op.delivery is None:
+                self._ops.append(op)
+            elif error is None:
+                op.resolve(self._stale_error(op.delivery))
+            else:
+                op.resolve(error)
 
-    def _disconnect(self):
+    def _disconnect(self, graceful=True):
+        """Forget the connection; close it (``graceful``) or drop it."""
         connection, self.connection = self.connection, None
         self._channel = self._send_channel = None
         self._consumer_tags = []
         if connection is None:
             return
-        try:
-            connection.close()
-        except Exception:
+        if graceful:
             try:
-                connection.collect()
-            except Exception:  # pragma: no cover (cleanup after a failure)
+                connection.close()
+                return
+            except Exception:
                 pass
+        try:
+            connection.collect()
+        except Exception:  # pragma: no cover (cleanup after a failure)
+            pass
 
 
 def describe(error):

@@ -72,32 +72,59 @@ class RetryPolicy:
 
 class FailureCounter:
     """Counts the failed attempts per message (by message id), thread-safe.
+
+    Counts live in this process only; a restarted daemon starts from zero
+    (quorum queues' ``x-delivery-count`` header is taken into account).
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._counts = {}
+        self._errors = {}
 
     @staticmethod
     def _key(message):
         return message.header.message_id or hash(
             (message.routing_key, message.body))
 
-    def record(self, message):
-        """Count one more failure; return the number of failures so far."""
+    def record(self, message, error=None):
+        """Count one more failure; return the number of failures so far.
+
+        ``error`` (text) is remembered as the message's last error.
+        """
         with self._lock:
             key = self._key(message)
             count = self._counts[key] = self._counts.get(key, 0) + 1
+            if error is not None:
+                self._errors[key] = error
+        return self._with_delivery_count(message, count)
+
+    def count(self, message):
+        """The number of failures recorded so far (0 for none)."""
+        with self._lock:
+            count = self._counts.get(self._key(message), 0)
+        return self._with_delivery_count(message, count, failed_now=False)
+
+    def last_error(self, message):
+        """The text of the message's last recorded error, or None."""
+        with self._lock:
+            return self._errors.get(self._key(message))
+
+    @staticmethod
+    def _with_delivery_count(message, count, failed_now=True):
         delivery_count = (message.header.headers or {}).get(
             'x-delivery-count')  # quorum queues count for us
         if isinstance(delivery_count, int):
-            count = max(count, delivery_count + 1)
+            # Deliveries before this one (+ this one, if it just failed).
+            count = max(count, delivery_count + int(failed_now))
         return count
 
     def forget(self, message):
         """The message is done with: drop its count."""
         with self._lock:
-            self._counts.pop(self._key(message), None)
+            key = self._key(message)
+            self._counts.pop(key, None)
+            self._errors.pop(key, None)
 
 
 class Worker(threading.Thread):
@@ -126,6 +153,8 @@ class Worker(threading.Thread):
         """Handle one task in a transaction; give it back if not committed.
         """
         message, handler = task.message, task.handler
+        if self._used_up(message, handler):
+            return
         session = gocept.amqprun.session.Session(self.server, message)
         log.debug("Processing message %s %s (%s) with '%s'",
                   message.delivery_tag, message.header.message_id,
@@ -152,6 +181,29 @@ class Worker(threading.Thread):
             self.pool.record('failed')
             self._give_back(message, handler, error)
 
+    def _used_up(self, message, handler):
+        """Dead-letter without handling a message that used up its attempts.
+
+        Happens when its last failure could not dead-letter it (the
+        connection was lost meanwhile, or the broker's consumer_timeout hit
+        it): the broker redelivered it instead.
+        """
+        policy = self._policy(handler)
+        attempts = self.pool.failures.count(message)
+        if not policy.gives_up(attempts):
+            return False
+        error_text = (self.pool.failures.last_error(message)
+                      or 'failed %d times' % attempts)
+        if self._dead_letter(message, policy, error_text):
+            return True
+        self.pool.record('retried')
+        self.server.submit(gocept.amqprun.channelops.Reject(
+            message.delivery, delay=policy.delay, now=time.time()))
+        return True
+
+    def _policy(self, handler):
+        return getattr(handler, 'retry_policy', None) or self.pool.policy
+
     def _run_transaction(self, session, message, handler):
         """Run the handler and commit; return the error or None."""
         response = None
@@ -169,9 +221,11 @@ class Worker(threading.Thread):
                 session.send(outgoing_message)
             transaction.commit()
         except Exception as e:
-            log.error('Error while processing message %s (%s)',
-                      message.delivery_tag, message.header.message_id,
-                      exc_info=True)
+            if not isinstance(e, gocept.amqprun.interfaces.ConnectionLost):
+                log.error('Error while processing message %s (%s)',
+                          message.delivery_tag, message.header.message_id,
+                          exc_info=True)
+            # else: not the handler's fault, _give_back logs a warning
             transaction.abort()
             if gocept.amqprun.interfaces.IResponse.providedBy(response):
                 self._report_commit_error(session, message, response)
@@ -192,15 +246,24 @@ class Worker(threading.Thread):
 
     def _give_back(self, message, handler, error):
         """Requeue the message after the delay, or dead-letter it."""
+        policy = self._policy(handler)
+        error_text = '%s: %s' % (type(error).__name__, error)
+        if isinstance(error, gocept.amqprun.interfaces.AckTimedOut):
+            # The handler took longer than the broker allows: that is an
+            # attempt, or a handler that always does would loop forever.
+            attempts = self.pool.failures.record(message, error_text)
+            log.warning('Message %s (%s) failed %d time(s): %s; its '
+                        'redelivery is flagged redelivered',
+                        message.header.message_id, message.routing_key,
+                        attempts, error)
+            return
         if isinstance(error, gocept.amqprun.interfaces.ConnectionLost):
             # Not the handler's fault: the broker redelivers the message.
             log.warning('Message %s (%s) goes back to the broker: %s',
                         message.header.message_id, message.routing_key,
                         error)
             return
-        policy = getattr(handler, 'retry_policy', None) or self.pool.policy
-        attempts = self.pool.failures.record(message)
-        error_text = '%s: %s' % (type(error).__name__, error)
+        attempts = self.pool.failures.record(message, error_text)
         if policy.gives_up(attempts) and self._dead_letter(
                 message, policy, error_text):
             return

@@ -1,0 +1,229 @@
+"""MaildirReader: sends the files dropped into a Maildir as messages.
+
+Runs on: its own thread, ``amqprun-readfiles`` (one per
+``<amqp:readfiles>``), started on ``ProcessStarted`` and stopped (and
+joined) on ``ProcessStopping``. It sends through ``ISender``, so its
+messages are published on the server's send channel when its transaction
+commits.
+
+The directory is a Maildir: ``tmp/``, ``new/`` and ``cur/``. Writers put a
+file together in ``tmp/`` and then rename it into ``new/`` (a rename within
+one file system is atomic), so the reader never sees a half-written file.
+Dot-files in ``new/`` are ignored.
+
+Every ``poll_interval`` seconds the reader sends each file in ``new/`` (in
+name order), one transaction per file, with the file's name in the
+``X-Filename`` header. A file moves to ``cur/`` only after the AMQP commit
+succeeded: when the broker did not take it, it stays in ``new/`` and is
+sent again at the next scan (at least once, never lost). A file system
+error (``new/`` gone, no permission) is fatal: the reader logs it once and
+asks the process to stop with exit status 1.
+"""
+import logging
+import os
+import threading
+
+import transaction
+import zope.component
+import zope.interface
+
+import gocept.amqprun.interfaces
+import gocept.amqprun.main
+import gocept.amqprun.message
+
+
+log = logging.getLogger(__name__)
+
+#: The content type of the messages sent (as upstream).
+CONTENT_TYPE = 'text/xml'
+
+
+class Maildir:
+    """The three directories of a Maildir, as far as the reader uses them.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def prepare(self):
+        """Create ``tmp``, ``new`` and ``cur`` where missing."""
+        for name in ('tmp', 'new', 'cur'):
+            os.makedirs(os.path.join(self.path, name), exist_ok=True)
+
+    def new_files(self):
+        """Return the names of the files in ``new``, sorted; no dot-files.
+        """
+        with os.scandir(os.path.join(self.path, 'new')) as entries:
+            return sorted(entry.name for entry in entries
+                          if not entry.name.startswith('.')
+                          and entry.is_file())
+
+    def read_new(self, name):
+        """Return the content of ``new/<name>``."""
+        with open(os.path.join(self.path, 'new', name), 'rb') as f:
+            return f.read()
+
+    def move_to_cur(self, name):
+        """Move ``new/<name>`` to ``cur/<name>``."""
+        os.rename(os.path.join(self.path, 'new', name),
+                  os.path.join(self.path, 'cur', name))
+
+
+def filename_header(name):
+    """Return a file name as text fit for the ``X-Filename`` header.
+
+    Names that are not UTF-8 get replacement characters.
+    """
+    return os.fsencode(name).decode('utf-8', 'replace')
+
+
+@zope.interface.implementer(gocept.amqprun.interfaces.ILoop)
+class MaildirReader:
+    """Polls ``directory/new`` and sends each file to ``routing_key``.
+
+    Creating it prepares the Maildir (an :class:`OSError` when that is not
+    possible). ``start()`` runs the loop in the calling thread;
+    :meth:`on_process_started` runs it in a thread of its own.
+    """
+
+    #: The name of the reader's thread.
+    thread_name = 'amqprun-readfiles'
+    #: Seconds ``on_process_stopping`` waits for the thread to end.
+    stop_timeout = 10
+
+    def __init__(self, directory, routing_key, poll_interval=1):
+        self.maildir = Maildir(directory)
+        self.maildir.prepare()
+        self.routing_key = routing_key
+        self.poll_interval = poll_interval
+        self.thread = None
+        self._running = threading.Event()
+        self._should_stop = threading.Event()
+
+    def __repr__(self):
+        return '<MaildirReader %s -> %r>' % (
+            self.maildir.path, self.routing_key)
+
+    @property
+    def running(self):
+        """True while the loop runs."""
+        return self._running.is_set()
+
+    def wait_until_running(self, timeout=None):
+        """Block until the loop runs (or ``timeout``); return ``running``.
+        """
+        self._running.wait(timeout)
+        return self.running
+
+    def start(self):
+        """Scan ``new`` every ``poll_interval`` seconds until :meth:`stop`.
+
+        A fatal error ends the loop: it is logged and the process is asked
+        to stop with exit status 1 (once; the loop does not go on).
+        """
+        log.info('Watching %s for files to send to %r',
+                 self.maildir.path, self.routing_key)
+        self._running.set()
+        try:
+            sender = zope.component.getUtility(
+                gocept.amqprun.interfaces.ISender)
+            while not self._should_stop.is_set():
+                self.scan(sender)
+                self._should_stop.wait(self.poll_interval)
+        except Exception as e:
+            log.error('Unhandled exception, terminating. Reading %s failed: '
+                      '%s: %s', self.maildir.path, type(e).__name__, e,
+                      exc_info=True)
+            gocept.amqprun.main.request_stop(
+                1, 'readfiles stopped the process: reading %s failed'
+                % self.maildir.path)
+        finally:
+            self._running.clear()
+            log.info('Stopped watching %s', self.maildir.path)
+
+    def stop(self):
+        """Make the loop end after the file it is sending; any thread."""
+        self._should_stop.set()
+
+    def scan(self, sender):
+        """Send the files in ``new`` once; return how many were sent.
+
+        Stops at the first file the broker did not take; it stays in
+        ``new`` for the next scan. Raises :class:`OSError` for file system
+        trouble.
+        """
+        sent = 0
+        for name in self.maildir.new_files():
+            if self._should_stop.is_set() or not self.send(name, sender):
+                break
+            sent += 1
+        return sent
+
+    def send(self, name, sender):
+        """Send ``new/<name>`` in a transaction of its own; then move it to
+        ``cur``. Return False when the commit failed (the file stays).
+        """
+        try:
+            body = self.maildir.read_new(name)
+        except FileNotFoundError:
+            log.warning('%s vanished from %s/new before it was sent',
+                        name, self.maildir.path)
+            return True
+        message = gocept.amqprun.message.Message(
+            {'content_type': CONTENT_TYPE,
+             'X-Filename': filename_header(name)},
+            body, routing_key=self.routing_key)
+        log.debug('Sending %s/new/%s to %r as %s', self.maildir.path, name,
+                  self.routing_key, message.header.message_id)
+        transaction.begin()
+        try:
+            sender.send(message)
+            transaction.commit()
+        except Exception as e:
+            transaction.abort()
+            log.warning('Sending %s/new/%s to %r failed (%s: %s); it stays '
+                        'in new/ and is sent again', self.maildir.path, name,
+                        self.routing_key, type(e).__name__, e)
+            return False
+        # Only now: the broker has the message. A failure here is fatal
+        # (raised), and the file is sent again after a restart.
+        self.maildir.move_to_cur(name)
+        log.info('Sent %s/new/%s to %r as %s; moved it to cur/',
+                 self.maildir.path, name, self.routing_key,
+                 message.header.message_id)
+        return True
+
+    def on_process_started(self, event):
+        """Start the reader thread (the connection is usable now)."""
+        if self.thread is not None and self.thread.is_alive():
+            return
+        self._should_stop.clear()
+        self.thread = threading.Thread(
+            target=self.start, name=self.thread_name, daemon=True)
+        self.thread.start()
+
+    def on_process_stopping(self, event):
+        """Stop the reader thread and wait for it (``stop_timeout``)."""
+        self.stop()
+        if self.thread is None:
+            return
+        self.thread.join(self.stop_timeout)
+        if self.thread.is_alive():
+            log.warning('The reader of %s did not stop within %s s',
+                        self.maildir.path, self.stop_timeout)
+
+
+def register_reader(directory, routing_key, poll_interval=1):
+    """Create a :class:`MaildirReader` and hook it to the process events.
+
+    The action of ``<amqp:readfiles>``; returns the reader.
+    """
+    reader = MaildirReader(directory, routing_key, poll_interval)
+    site_manager = zope.component.getSiteManager()
+    site_manager.registerHandler(
+        reader.on_process_started,
+        (gocept.amqprun.interfaces.IProcessStarted,))
+    site_manager.registerHandler(
+        reader.on_process_stopping,
+        (gocept.amqprun.interfaces.IProcessStopping,))
+    return reader

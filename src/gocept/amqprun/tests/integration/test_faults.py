@@ -1,0 +1,554 @@
+"""Fault injection: the daemon under load while things fail around it.
+
+Every test counts what arrived with an independent client
+(``faults_tally``): each numbered message's reply arrives exactly once, or
+once plus copies flagged ``redelivered`` by the broker. Connections are cut
+and stalled with ``faults_proxy.FaultProxy``; the broker is restarted; the
+daemon runs in-process (``main.run`` in a thread) or as a ``server``
+subprocess that gets SIGTERM or SIGKILL.
+"""
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import transaction
+import zope.component
+
+import gocept.amqprun.interfaces
+import gocept.amqprun.message
+import gocept.amqprun.testing
+from gocept.amqprun.testing import wait_for
+from gocept.amqprun.tests.integration import faults_handlers
+from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
+from gocept.amqprun.tests.integration.faults_proxy import FaultProxy
+from gocept.amqprun.tests.integration.faults_tally import Replies
+from gocept.amqprun.tests.integration.faults_tally import connect
+from gocept.amqprun.tests.integration.faults_tally import numbered
+from gocept.amqprun.tests.integration.faults_tally import publish
+
+
+#: Reconnect at once and often: the tests wait for it.
+FAST_RECONNECT = ('reconnect_delay 0.1', 'reconnect_max_delay 0.5')
+
+
+def zcml(*names):
+    """Site ZCML registering the named handlers of ``faults_handlers``."""
+    registrations = ''.join(
+        '<utility component="gocept.amqprun.tests.integration.'
+        'faults_handlers.%s" name="%s" />\n' % (name, name)
+        for name in names)
+    return ('<configure xmlns="http://namespaces.zope.org/zope">\n'
+            '<include package="gocept.amqprun" />\n%s</configure>\n'
+            % registrations)
+
+
+def write_config(directory, broker, virtual_host, *names, workers=2,
+                 amqp_port=None, amqp_extra=(), worker_extra=(),
+                 settings=()):
+    """Write site ZCML and config file into ``directory``; return its path.
+    """
+    os.makedirs(directory, exist_ok=True)
+    mapping = dict(
+        broker.config_mapping(virtual_host), workers=workers,
+        amqp_extra='\n  '.join(amqp_extra),
+        worker_extra='\n  '.join(worker_extra),
+        settings='\n  '.join(settings), log_level='INFO',
+        log_path=os.path.join(directory, 'server.log'))
+    if amqp_port is not None:
+        mapping['amqp_port'] = amqp_port
+    return gocept.amqprun.testing.write_config(
+        directory, zcml(*names), gocept.amqprun.testing.CONFIG_TEMPLATE,
+        mapping)
+
+
+def log_lines(config_path, level):
+    """The lines of the daemon's log file at ``level``."""
+    path = os.path.join(os.path.dirname(config_path), 'server.log')
+    with open(path, encoding='utf-8', errors='replace') as f:
+        return [line for line in f if ' %s ' % level in line]
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+# -- fixtures ----------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def no_thread_survives():
+    """Fail the test when a daemon or proxy thread outlives it."""
+    faults_handlers.reset()
+    before = set(threading.enumerate())
+    yield
+    faults_handlers.reset()
+
+    def survivors():
+        return [thread.name for thread in threading.enumerate()
+                if thread not in before and thread.is_alive()
+                and thread.name.startswith('amqprun-')]
+    deadline = time.monotonic() + 10
+    while survivors() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not survivors(), 'Threads survived the test: %s' % survivors()
+
+
+@pytest.fixture
+def daemon(tmp_path, clean_registry):
+    """Factory: run ``main.run`` in a thread with a config for the faults.
+
+    ``daemon(broker, vhost, 'handler', ..., **write_config options)``
+    returns a started ``testing.MainThread``; it is stopped after the test.
+    """
+    started = []
+
+    def start(broker, virtual_host, *names, **options):
+        config = write_config(str(tmp_path / 'inprocess'), broker,
+                              virtual_host, *names, **options)
+        runner = gocept.amqprun.testing.MainThread(config)
+        started.append(runner)
+        runner.start()
+        assert runner.server is not None and runner.server.running
+        return runner
+
+    yield start
+    for runner in started:
+        if runner.thread.is_alive():
+            assert runner.stop() == 0
+
+
+@pytest.fixture
+def proxy(amqp_broker):
+    """A FaultProxy in front of the broker; stopped (thread joined) after.
+    """
+    with FaultProxy(amqp_broker.hostname, amqp_broker.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def replies(amqp_broker, amqp_vhost):
+    """An independent client counting what arrives on ``REPLY_KEY``."""
+    client = Replies(amqp_broker, amqp_vhost, REPLY_KEY)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def processes():
+    """Factory for ``server`` subprocesses; any still running is killed."""
+    started = []
+
+    def start(config_path):
+        process = gocept.amqprun.testing.ServerProcess(config_path)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def report(name, duplicates, flagged):
+    print('\n%s: %d duplicate(s), %d flagged redelivered'
+          % (name, duplicates, flagged))
+
+
+# -- 1. connection cut -------------------------------------------------------
+
+def test_cut_connection_reconnects_and_every_reply_arrives_once(
+        daemon, amqp_broker, amqp_vhost, proxy, replies):
+    daemon(amqp_broker, amqp_vhost, 'numbers', workers=4,
+           amqp_port=proxy.port, amqp_extra=FAST_RECONNECT)
+    bodies = numbered(1000)
+    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
+    replies.wait_for_count(250)
+    assert proxy.cut() == 1
+    replies.wait_for_count(len(replies.copies) + 250)
+    assert proxy.cut() == 1
+    replies.wait_for(bodies, timeout=60)
+    replies.drain(0.5)  # late duplicates would show up now
+    report('cut', *replies.check(bodies))
+    assert proxy.accepted >= 3  # it reconnected after each cut
+
+
+# -- 2. broker restart -------------------------------------------------------
+
+@pytest.fixture
+def restartable_broker(amqp_broker, amqp_vhost):
+    """(broker, vhost) of a private node that may be restarted.
+
+    The run's own node when it is private; else (``AMQP_HOSTNAME`` names a
+    broker) a private node started for this test.
+    """
+    if amqp_broker.node is not None:
+        yield amqp_broker, amqp_vhost
+        return
+    broker = gocept.amqprun.testing.Broker.start_private_node()
+    try:
+        yield broker, broker.create_vhost()
+    finally:
+        broker.stop()
+
+
+def queue_length(broker, virtual_host, queue):
+    connection = connect(broker, virtual_host)
+    try:
+        _, count, _ = connection.channel().queue_declare(queue, passive=True)
+        return count
+    finally:
+        connection.close()
+
+
+def test_broker_restart_loses_no_persistent_message(
+        daemon, restartable_broker):
+    broker, vhost = restartable_broker
+    reply_queue = 'faults.replies.%s' % uuid.uuid4().hex[:8]
+    Replies(broker, vhost, REPLY_KEY, queue=reply_queue).close()  # durable
+    main = daemon(broker, vhost, 'numbers', workers=4,
+                  amqp_extra=FAST_RECONNECT, settings=['faults.sleep 0.002'])
+    bodies = numbered(1500)
+    publish(broker, vhost, bodies, 'faults.number')
+    wait_for(lambda: queue_length(broker, vhost, reply_queue) >= 300,
+             timeout=30, interval=0.1)
+    broker.node.restart()
+    replies = Replies(broker, vhost, REPLY_KEY, queue=reply_queue)
+    try:
+        replies.wait_for(bodies, timeout=60)
+        replies.drain(0.5)
+        report('restart', *replies.check(bodies))
+        assert main.thread.is_alive() and main.server.running
+    finally:
+        replies.delete()
+
+
+# -- 3. stalled connection, heartbeat timeout --------------------------------
+
+def test_stalled_connection_is_detected_by_heartbeat_and_replaced(
+        daemon, amqp_broker, amqp_vhost, proxy, replies):
+    daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
+           amqp_port=proxy.port, settings=['faults.sleep 0.01'],
+           amqp_extra=('heartbeat_interval 1', 'connect_timeout 2')
+           + FAST_RECONNECT)
+    bodies = numbered(300)
+    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
+    replies.wait_for_count(50)
+    proxy.stall()
+    stalled = time.monotonic()
+    # The daemon gives up on the silent connection after two heartbeat
+    # intervals (or when a commit's reply is that late) and connects anew;
+    # the proxy accepts that connection (and stalls it, too).
+    wait_for(lambda: proxy.accepted >= 2, timeout=10,
+             message='The stalled connection was not replaced.')
+    detected = time.monotonic() - stalled
+    arrived_while_stalled = len(replies.copies)
+    proxy.resume()
+    replies.wait_for(bodies, timeout=60)
+    replies.drain(0.5)
+    report('stall', *replies.check(bodies))
+    assert detected < 5, 'Took %.1f s to notice the stall' % detected
+    assert arrived_while_stalled < len(bodies)
+
+
+# -- 4. poison message -------------------------------------------------------
+
+def test_poison_message_is_dead_lettered_after_max_attempts_without_spinning(
+        daemon, amqp_broker, amqp_vhost, replies):
+    dead = Replies(amqp_broker, amqp_vhost, 'faults.dead')
+    try:
+        main = daemon(amqp_broker, amqp_vhost, 'poison', workers=2,
+                      worker_extra=('retry-delay 0.5', 'max-attempts 3',
+                                    'dead-letter-routing-key faults.dead'))
+        good = numbered(100)
+        poison = good[0].split(b':')[0] + b':poison'
+        publish(amqp_broker, amqp_vhost, good[:50], 'faults.poison')
+        publish(amqp_broker, amqp_vhost, [poison], 'faults.poison')
+        publish(amqp_broker, amqp_vhost, good[50:], 'faults.poison')
+        replies.wait_for(good, timeout=30)
+        dead.wait_for([poison], timeout=30)
+        replies.drain(1.5)  # time enough for a 4th attempt, if it came
+        report('poison', *replies.check(good))
+        [message] = dead.messages
+        headers = message.properties['application_headers']
+        assert headers['x-amqprun-attempts'] == 3
+        assert headers['x-amqprun-error'].startswith(
+            'RuntimeError: poison message')
+        assert headers['x-amqprun-routing-key'] == 'faults.poison'
+        assert message.properties['message_id'] == (
+            '<%s@faults>' % poison.decode())
+        attempts = [at for _, at in faults_handlers.calls_for(poison)]
+        assert len(attempts) == 3
+        gaps = [later - earlier
+                for earlier, later in zip(attempts, attempts[1:])]
+        assert min(gaps) >= 0.45, gaps  # retry-delay 0.5, no hot loop
+        assert poison not in replies.copies
+        # The server keeps running and handling.
+        assert main.thread.is_alive() and main.server.running
+        after = numbered(1)
+        publish(amqp_broker, amqp_vhost, after, 'faults.poison')
+        replies.wait_for(after, timeout=10)
+    finally:
+        dead.close()
+
+
+def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
+        daemon, amqp_broker, amqp_vhost, proxy, replies):
+    dead = Replies(amqp_broker, amqp_vhost, 'faults.dead')
+    try:
+        daemon(amqp_broker, amqp_vhost, 'unsendable', workers=2,
+               amqp_port=proxy.port,
+               worker_extra=('retry-delay 0.2', 'max-attempts 2',
+                             'dead-letter-routing-key faults.dead'))
+        good = numbered(100)
+        bad = good[0].split(b':')[0] + b':unsendable'
+        publish(amqp_broker, amqp_vhost, good[:50] + [bad] + good[50:],
+                'faults.unsendable')
+        replies.wait_for(good, timeout=30)
+        dead.wait_for([bad], timeout=30)
+        replies.drain(0.5)
+        report('unsendable', *replies.check(good))
+        [message] = dead.messages
+        headers = message.properties['application_headers']
+        assert headers['x-amqprun-attempts'] == 2
+        assert 'Cannot publish' in headers['x-amqprun-error']
+        assert len(faults_handlers.calls_for(bad)) == 2
+        # The other messages' commits were not dragged down with it.
+        assert proxy.accepted == 1
+    finally:
+        dead.close()
+
+
+# -- 5. SIGTERM under load ---------------------------------------------------
+
+def test_sigterm_under_load_exits_0_and_nothing_is_lost_or_doubled(
+        amqp_broker, amqp_vhost, tmp_path, replies, processes):
+    config = write_config(
+        str(tmp_path), amqp_broker, amqp_vhost, 'numbers', workers=4,
+        settings=['faults.sleep 0.002'])
+    bodies = numbered(3000)
+    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
+    first = processes(config)
+    replies.wait_for_count(500, timeout=30)
+    first.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert first.wait(30) == 0, first.output
+    stopped_in = time.monotonic() - signalled
+    assert stopped_in < 5, 'SIGTERM took %.1f s' % stopped_in
+    handled_before = len(replies.copies)
+    assert handled_before < len(bodies)
+    second = processes(config)
+    replies.wait_for(bodies, timeout=60)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0, second.output
+    replies.drain(0.5)
+    report('sigterm', *replies.check(bodies))
+    assert not log_lines(config, 'ERROR')
+    assert not log_lines(config, 'CRITICAL')
+
+
+# -- 6. kill -9 under load ---------------------------------------------------
+
+def test_kill_9_under_load_and_restart_loses_nothing(
+        amqp_broker, amqp_vhost, tmp_path, replies, processes):
+    config = write_config(
+        str(tmp_path), amqp_broker, amqp_vhost, 'numbers', workers=4,
+        settings=['faults.sleep 0.002'])
+    bodies = numbered(3000)
+    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
+    first = processes(config)
+    replies.wait_for_count(500, timeout=30)
+    first.signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    assert len(replies.copies) < len(bodies)
+    second = processes(config)
+    replies.wait_for(bodies, timeout=60)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0, second.output
+    replies.drain(0.5)
+    report('kill -9', *replies.check(bodies))
+
+
+# -- 7. long handlers --------------------------------------------------------
+
+def test_handler_sleeping_past_the_heartbeat_keeps_the_connection(
+        daemon, amqp_broker, amqp_vhost, proxy, replies):
+    daemon(amqp_broker, amqp_vhost, 'slow', workers=1,
+           amqp_port=proxy.port, amqp_extra=['heartbeat_interval 1'])
+    [body] = numbered(1)
+    publish(amqp_broker, amqp_vhost, [body], 'faults.slow',
+            headers={'sleep': '3.5'})
+    replies.wait_for([body], timeout=15)
+    replies.drain(0.5)
+    assert replies.copies == {body: [False]}
+    assert proxy.accepted == 1  # never reconnected
+    assert proxy.open_connections == 1
+
+
+@pytest.fixture
+def short_consumer_timeout(amqp_broker):
+    """The broker closes channels whose deliveries stay unacked for 2 s.
+
+    RabbitMQ checks once per channel tick (default: a minute); both
+    settings are read when a channel opens, so the daemon must connect
+    after this fixture. The previous values are restored afterwards.
+    """
+    names = ('consumer_timeout', 'channel_tick_interval')
+    previous = amqp_broker._ctl('eval', '{%s}.' % ', '.join(
+        'application:get_env(rabbit, %s)' % name for name in names))
+    amqp_broker._ctl(
+        'eval', 'application:set_env(rabbit, consumer_timeout, 2000), '
+        'application:set_env(rabbit, channel_tick_interval, 250).')
+    yield 2.0
+    previous = previous.strip().strip('{}').split('},{')
+    restore = []
+    for name, value in zip(names, previous):
+        if value.startswith('ok,'):
+            restore.append('application:set_env(rabbit, %s, %s)'
+                           % (name, value[3:].strip('{}')))
+        else:
+            restore.append('application:unset_env(rabbit, %s)' % name)
+    amqp_broker._ctl('eval', ', '.join(restore) + '.')
+
+
+def test_handler_exceeding_consumer_timeout_is_redelivered_flagged_once(
+        daemon, amqp_broker, amqp_vhost, replies, short_consumer_timeout):
+    # Decision: the broker closes the channel and requeues the delivery;
+    # the slow handler's commit fails (its transaction aborts, nothing of
+    # it is published), the server logs a WARNING and reconnects, and the
+    # redelivery -- flagged -- is handled again. One reply arrives, from
+    # the redelivery; the time-out counts as a failed attempt.
+    main = daemon(amqp_broker, amqp_vhost, 'slow', workers=2,
+                  amqp_extra=FAST_RECONNECT)
+    [body] = numbered(1)
+    publish(amqp_broker, amqp_vhost, [body], 'faults.slow',
+            headers={'sleep': '4.5'})
+    replies.wait_for([body], timeout=20)
+    # The slow first attempt finishes, its commit fails.
+    wait_for(lambda: main.server.tasks.unfinished_tasks == 0, timeout=10)
+    replies.drain(0.5)
+    assert replies.copies == {body: [True]}
+    assert [flag for flag, _ in faults_handlers.calls_for(body)] == [
+        False, True]
+    warnings = log_lines(main.config_path, 'WARNING')
+    assert any('consumer_timeout' in line for line in warnings), warnings
+
+
+# -- 8. ISender after a reconnect --------------------------------------------
+
+class SendingThread:
+    """A thread of our own (no worker) that sends through ISender."""
+
+    def __init__(self, name):
+        self.requests = []
+        self.results = []
+        self.thread = threading.Thread(
+            target=self._run, name='amqprun-test-%s' % name)
+        self._wake = threading.Event()
+        self.thread.start()
+
+    def _run(self):
+        sender = zope.component.getUtility(
+            gocept.amqprun.interfaces.ISender)
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self.requests:
+                body = self.requests.pop(0)
+                if body is None:
+                    return
+                try:
+                    sender.send(gocept.amqprun.message.Message(
+                        {}, body, routing_key=REPLY_KEY))
+                    transaction.commit()
+                    self.results.append((body, None))
+                except Exception as e:
+                    transaction.abort()
+                    self.results.append((body, e))
+
+    def send(self, body, timeout=70):
+        """Send ``body`` and commit in the thread; return the error."""
+        count = len(self.results)
+        self.requests.append(body)
+        self._wake.set()
+        wait_for(lambda: len(self.results) > count, timeout)
+        return self.results[-1][1]
+
+    def stop(self):
+        self.requests.append(None)
+        self._wake.set()
+        self.thread.join(10)
+
+
+def test_isender_in_other_threads_works_again_after_a_reconnect(
+        daemon, amqp_broker, amqp_vhost, proxy, replies):
+    main = daemon(amqp_broker, amqp_vhost, 'numbers', workers=1,
+                  amqp_port=proxy.port, amqp_extra=FAST_RECONNECT)
+    bodies = numbered(5)
+    sending = SendingThread('sender')
+    try:
+        assert sending.send(bodies[0]) is None
+        proxy.cut()
+        # Sent during the outage: waits for the new connection.
+        assert sending.send(bodies[1]) is None
+        wait_for(lambda: proxy.accepted >= 2 and main.server.running)
+        assert sending.send(bodies[2]) is None
+        other = SendingThread('other')
+        try:
+            assert other.send(bodies[3]) is None
+        finally:
+            other.stop()
+    finally:
+        sending.stop()
+    # and the test's own thread
+    zope.component.getUtility(gocept.amqprun.interfaces.ISender).send(
+        gocept.amqprun.message.Message({}, bodies[4], routing_key=REPLY_KEY))
+    transaction.commit()
+    replies.wait_for(bodies, timeout=20)
+    replies.drain(0.5)
+    assert {body: len(copies) for body, copies in replies.copies.items()
+            } == {body: 1 for body in bodies}
+
+
+# -- 9. start-up failures ----------------------------------------------------
+
+def test_unreachable_broker_at_startup_exits_non_zero_with_one_critical_line(
+        amqp_broker, amqp_vhost, tmp_path, processes):
+    port = free_port()
+    config = write_config(
+        str(tmp_path), amqp_broker, amqp_vhost, 'numbers', amqp_port=port,
+        amqp_extra=['startup_attempts 3', 'reconnect_delay 0.1',
+                    'connect_timeout 1'])
+    started = time.monotonic()
+    process = processes(config)
+    assert process.wait(30) != 0
+    assert time.monotonic() - started < 15
+    [critical] = log_lines(config, 'CRITICAL')
+    assert '127.0.0.1:%d' % port in critical
+    assert 'gave up after 3 attempts' in critical
+    assert len(log_lines(config, 'WARNING')) >= 2  # each retry is logged
+
+
+@pytest.mark.parametrize('change', ['password', 'vhost'])
+def test_refused_credentials_exit_non_zero_at_once_naming_user_and_vhost(
+        amqp_broker, amqp_vhost, tmp_path, processes, change):
+    broker = gocept.amqprun.testing.Broker(
+        amqp_broker.hostname, amqp_broker.port, amqp_broker.username,
+        'wrong-password' if change == 'password' else amqp_broker.password)
+    vhost = amqp_vhost if change == 'password' else 'faults-no-such-vhost'
+    config = write_config(str(tmp_path), broker, vhost, 'numbers',
+                          amqp_extra=['startup_attempts 5',
+                                      'reconnect_delay 2'])
+    started = time.monotonic()
+    process = processes(config)
+    assert process.wait(30) != 0
+    # at once: no retries with their 2 s delays
+    assert time.monotonic() - started < 5
+    [critical] = log_lines(config, 'CRITICAL')
+    assert repr(amqp_broker.username) in critical
+    assert repr(vhost) in critical
+    assert 'refused' in critical

@@ -1,0 +1,168 @@
+"""The ``amqprun-send`` console script against the real broker."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import gocept.amqprun.testing
+
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), 'amqprun-send')
+
+
+def amqprun_send(*args, input=b''):
+    """Run the console script; return the CompletedProcess (text output)."""
+    result = subprocess.run([SCRIPT] + list(args), input=input,
+                            capture_output=True, timeout=60)
+    result.stdout = result.stdout.decode()
+    result.stderr = result.stderr.decode()
+    return result
+
+
+@pytest.fixture
+def config(amqp_config):
+    """A daemon configuration file for the module's virtual host."""
+    return amqp_config(gocept.amqprun.testing.site_zcml())
+
+
+def free_port():
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_body_from_stdin_with_headers_and_content_type(config, amqp_client):
+    amqp_client.expect_message_on('test.send.#')
+    result = amqprun_send(config, 'test.send.stdin', '--header', 'a=1',
+                          '-H', 'X-Filename=name=with=equals.txt',
+                          '--content-type', 'text/plain',
+                          input=b'body \xc3\xbc\n')
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ''
+    message = amqp_client.wait_for_message()
+    assert message.body == b'body \xc3\xbc\n'
+    assert message.delivery_info['routing_key'] == 'test.send.stdin'
+    assert message.delivery_info['exchange'] == 'amq.topic'
+    assert message.properties['content_type'] == 'text/plain'
+    assert message.properties['delivery_mode'] == 2
+    assert message.headers == {'a': '1', 'X-Filename': 'name=with=equals.txt'}
+    assert result.stdout == message.properties['message_id'] + '\n'
+    assert message.properties['message_id'].startswith('<')
+
+
+def test_body_from_a_file(config, amqp_client, tmp_path):
+    body = tmp_path / 'body.bin'
+    body.write_bytes(bytes(range(256)) * 100)
+    amqp_client.expect_message_on('test.send.file')
+    result = amqprun_send(config, 'test.send.file', '--file', str(body))
+    assert result.returncode == 0, result.stderr
+    assert amqp_client.wait_for_message().body == body.read_bytes()
+
+
+def test_empty_body(config, amqp_client):
+    amqp_client.expect_message_on('test.send.empty')
+    assert amqprun_send(config, 'test.send.empty').returncode == 0
+    assert not amqp_client.wait_for_message().body  # py-amqp gives ''
+
+
+def test_other_exchange(config, amqp_client):
+    amqp_client.channel.queue_bind(
+        amqp_client.receive_queue, 'amq.direct', 'test.send.direct')
+    result = amqprun_send(config, 'test.send.direct', '-e', 'amq.direct',
+                          input=b'direct')
+    assert result.returncode == 0, result.stderr
+    message = amqp_client.wait_for_message()
+    assert message.body == b'direct'
+    assert message.delivery_info['exchange'] == 'amq.direct'
+
+
+def one_line(result):
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith('amqprun-send: ')
+    return lines[0]
+
+
+def test_unreachable_broker_is_one_line_and_status_1(
+        amqp_broker, amqp_config):
+    port = free_port()
+    config = amqp_config(gocept.amqprun.testing.site_zcml(),
+                         amqp_port=port)
+    result = amqprun_send(config, 'test.send', input=b'x')
+    assert result.returncode == 1
+    line = one_line(result)
+    assert 'Cannot connect to the AMQP broker at %s:%s' % (
+        amqp_broker.hostname, port) in line
+    assert result.stdout == ''
+
+
+def test_refused_credentials_are_one_line_and_status_1(amqp_config):
+    config = amqp_config(gocept.amqprun.testing.site_zcml(),
+                         amqp_password='wrong')
+    result = amqprun_send(config, 'test.send', input=b'x')
+    assert result.returncode == 1
+    assert 'refused user' in one_line(result)
+
+
+def test_invalid_config_file_is_one_line_and_status_2(tmp_path):
+    config = tmp_path / 'bad.conf'
+    config.write_text('<amqp-server>\n  port many\n</amqp-server>\n')
+    result = amqprun_send(str(config), 'test.send')
+    assert result.returncode == 2
+    line = one_line(result)
+    assert str(config) in line
+    assert 'line' in line
+
+
+def test_missing_config_file_is_one_line_and_status_2(tmp_path):
+    result = amqprun_send(str(tmp_path / 'missing.conf'), 'test.send')
+    assert result.returncode == 2
+    assert 'missing.conf' in one_line(result)
+
+
+def test_missing_body_file_is_one_line_and_status_2(config, tmp_path):
+    result = amqprun_send(config, 'test.send', '--file',
+                          str(tmp_path / 'nothing.txt'))
+    assert result.returncode == 2
+    assert one_line(result) == (
+        'amqprun-send: Cannot read %s: No such file or directory'
+        % (tmp_path / 'nothing.txt'))
+
+
+def test_header_without_value_is_a_usage_error(config):
+    result = amqprun_send(config, 'test.send', '--header', 'novalue')
+    assert result.returncode == 2
+    assert "expected KEY=VALUE, got 'novalue'" in result.stderr
+    assert result.stderr.startswith('usage: amqprun-send')
+
+
+def test_attempts_must_be_positive(config):
+    result = amqprun_send(config, 'test.send', '--attempts', '0')
+    assert result.returncode == 2
+    assert one_line(result) == 'amqprun-send: --attempts must be at least 1'
+
+
+def test_usage_error_without_arguments():
+    result = amqprun_send()
+    assert result.returncode == 2
+    assert result.stderr.startswith('usage: amqprun-send')
+    assert 'CONFIG' in result.stderr
+
+
+def test_help_describes_the_command():
+    result = amqprun_send('--help')
+    assert result.returncode == 0
+    assert 'usage: amqprun-send' in result.stdout
+    for option in ('--file', '--header', '--content-type', '--exchange'):
+        assert option in result.stdout
+
+
+def test_verbose_logs_the_connection(config, amqp_client):
+    amqp_client.expect_message_on('test.send.verbose')
+    result = amqprun_send(config, 'test.send.verbose', '-v', input=b'v')
+    assert result.returncode == 0
+    assert 'AMQP connection to' in result.stderr
+    assert amqp_client.wait_for_message().body == b'v'

@@ -1,0 +1,267 @@
+"""Tests for gocept.amqprun.connection: Parameters, connect, declare.
+
+``amqp.Connection`` is replaced by FakeAMQPConnection; no socket is opened.
+"""
+import io
+
+import amqp.exceptions
+import pytest
+import ZConfig
+
+import gocept.amqprun.config
+from gocept.amqprun.connection import DEFAULT_PORT
+from gocept.amqprun.connection import Parameters
+from gocept.amqprun.connection import check_unique_queues
+from gocept.amqprun.connection import connect
+from gocept.amqprun.connection import declare_queue
+from gocept.amqprun.connection import open_channel
+from gocept.amqprun.connection import routing_keys
+from gocept.amqprun.handler import Handler
+from gocept.amqprun.interfaces import AccessRefused
+from gocept.amqprun.interfaces import ConfigurationError
+from gocept.amqprun.interfaces import FatalError
+from gocept.amqprun.tests.unit.fakes import FakeAMQPConnection
+from gocept.amqprun.tests.unit.fakes import FakeChannel
+
+
+def handler(queue='queue', routing_key='route', arguments=None):
+    return Handler(queue, routing_key, lambda message: None,
+                   arguments=arguments)
+
+
+# -- Parameters ---------------------------------------------------------------
+
+def test_parameters_defaults():
+    parameters = Parameters()
+    assert parameters.hostname == 'localhost'
+    assert parameters.port == DEFAULT_PORT == 5672
+    assert parameters.username is None
+    assert parameters.password is None
+    assert parameters.virtual_host == '/'
+    assert parameters.heartbeat_interval == 0
+    assert parameters.connect_timeout == 10.0
+    assert parameters.prefetch_count == 10
+    assert parameters.ssl is False
+    assert parameters.startup_attempts == 5
+    assert parameters.reconnect_delay == 1.0
+    assert parameters.reconnect_max_delay == 30.0
+
+
+def test_parameters_bail_on_unknown_keyword_argument():
+    with pytest.raises(TypeError, match='virtualhost'):
+        Parameters(virtualhost='/foo')
+
+
+def test_parameters_convert_port_string_to_int():
+    assert Parameters(port='1234').port == 1234
+
+
+def test_parameters_empty_port_and_virtual_host_get_defaults():
+    parameters = Parameters(port=None, virtual_host='')
+    assert parameters.port == 5672
+    assert parameters.virtual_host == '/'
+
+
+def test_parameters_convert_numbers():
+    parameters = Parameters(
+        heartbeat_interval='30', connect_timeout='2.5', prefetch_count='4',
+        startup_attempts='2', reconnect_delay='0.5',
+        reconnect_max_delay='8')
+    assert parameters.heartbeat_interval == 30
+    assert parameters.connect_timeout == 2.5
+    assert parameters.prefetch_count == 4
+    assert parameters.startup_attempts == 2
+    assert parameters.reconnect_delay == 0.5
+    assert parameters.reconnect_max_delay == 8.0
+
+
+def test_parameters_none_heartbeat_is_zero():
+    assert Parameters(heartbeat_interval=None).heartbeat_interval == 0
+
+
+def test_parameters_address_and_repr():
+    parameters = Parameters(hostname='broker', port=1234, username='user',
+                            virtual_host='/vhost')
+    assert parameters.address == 'broker:1234'
+    assert repr(parameters) == '<Parameters amqp://user@broker:1234/vhost>'
+    assert repr(Parameters()) == '<Parameters amqp://guest@localhost:5672/%2F>'
+
+
+def load_section(text):
+    """The ``<amqp-server>`` section of a configuration with ``text``."""
+    schema = ZConfig.loadSchema(gocept.amqprun.config.SCHEMA)
+    config, _ = ZConfig.loadConfigFile(schema, io.StringIO("""\
+<eventlog>
+</eventlog>
+<amqp-server>
+%s
+</amqp-server>
+<worker>
+  amount 1
+  component-configuration %s
+</worker>
+""" % (text, gocept.amqprun.config.SCHEMA)))
+    return config.amqp_server
+
+
+def test_parameters_from_section_take_the_configured_values():
+    section = load_section("""
+        hostname broker
+        port 1234
+        username user
+        password secret
+        virtual_host vhost
+        heartbeat_interval 30
+        prefetch_count 7
+        startup_attempts 2
+    """)
+    parameters = Parameters.from_section(section)
+    assert parameters.hostname == 'broker'
+    assert parameters.port == 1234
+    assert parameters.username == 'user'
+    assert parameters.password == 'secret'
+    assert parameters.virtual_host == 'vhost'
+    assert parameters.heartbeat_interval == 30
+    assert parameters.prefetch_count == 7
+    assert parameters.startup_attempts == 2
+
+
+def test_parameters_from_section_use_defaults_for_unset_keys():
+    parameters = Parameters.from_section(load_section('hostname broker'))
+    assert parameters.port == 5672
+    assert parameters.username is None
+    assert parameters.virtual_host == '/'
+    assert parameters.prefetch_count == 10
+
+
+def test_parameters_from_section_with_overrides():
+    parameters = Parameters.from_section(
+        load_section('hostname broker'), prefetch_count=3)
+    assert parameters.prefetch_count == 3
+
+
+# -- connect and open_channel -------------------------------------------------
+
+def test_connect_passes_parameters_to_the_client(fake_amqp):
+    connection = connect(Parameters(
+        hostname='broker', port='1234', username='user', password='secret',
+        virtual_host='vhost', heartbeat_interval=30, connect_timeout=3,
+        ssl=True))
+    assert connection.kw == dict(
+        host='broker:1234', userid='user', password='secret',
+        virtual_host='vhost', heartbeat=30, connect_timeout=3.0, ssl=True)
+    assert connection.calls == ['connect']
+
+
+def test_connect_without_username_and_password_uses_guest(fake_amqp):
+    connection = connect(Parameters())
+    assert connection.kw['userid'] == 'guest'
+    assert connection.kw['password'] == 'guest'
+
+
+@pytest.mark.parametrize('refusal', [
+    amqp.exceptions.AccessRefused('ACCESS_REFUSED - login refused'),
+    amqp.exceptions.NotAllowed('NOT_ALLOWED - vhost not found'),
+], ids=['credentials', 'vhost'])
+def test_connect_refused_by_broker_is_fatal(fake_amqp, refusal):
+    fake_amqp.connect_errors = [refusal]
+    with pytest.raises(AccessRefused) as info:
+        connect(Parameters(hostname='broker', username='user',
+                           virtual_host='vhost'))
+    assert isinstance(info.value, FatalError)
+    message = str(info.value)
+    assert 'broker:5672' in message
+    assert "'user'" in message
+    assert "'vhost'" in message
+
+
+def test_connect_forced_close_is_a_connection_refusal(fake_amqp):
+    fake_amqp.connect_errors = [
+        amqp.exceptions.ConnectionForced('broker shutting down')]
+    with pytest.raises(ConnectionRefusedError, match='shutting down'):
+        connect(Parameters())
+
+
+def test_connect_network_errors_propagate(fake_amqp):
+    fake_amqp.connect_errors = [ConnectionRefusedError('refused')]
+    with pytest.raises(ConnectionRefusedError):
+        connect(Parameters())
+
+
+def test_open_channel_selects_tx_and_keeps_bodies_bytes():
+    connection = FakeAMQPConnection()
+    channel = open_channel(connection)
+    assert channel is connection.channels[0]
+    assert channel.calls == [('tx_select',)]
+    assert channel.auto_decode is False
+
+
+# -- declaring ----------------------------------------------------------------
+
+@pytest.mark.parametrize('routing_key, expected', [
+    ('route', ['route']),
+    (['a', 'b'], ['a', 'b']),
+    (('a', 'b'), ['a', 'b']),
+])
+def test_routing_keys_are_a_list(routing_key, expected):
+    assert routing_keys(handler(routing_key=routing_key)) == expected
+
+
+def test_declare_queue_declares_durable_queue_and_binds_every_key():
+    channel = FakeChannel()
+    declare_queue(channel, handler('queue', ('a', 'b')), 'name')
+    assert channel.calls == [
+        ('queue_declare', ('arguments', {}), ('auto_delete', False),
+         ('durable', True), ('exclusive', False), ('queue', 'queue')),
+        ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue'),
+         ('routing_key', 'a')),
+        ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue'),
+         ('routing_key', 'b')),
+    ]
+
+
+def test_declare_queue_keeps_argument_types():
+    channel = FakeChannel()
+    arguments = {'x-message-ttl': 60000, 'x-queue-type': 'quorum',
+                 'x-ha-policy': 'all'}
+    declare_queue(channel, handler(arguments=arguments), 'name')
+    declared = dict(channel.calls[0][1:])['arguments']
+    assert declared == arguments
+    assert isinstance(declared['x-message-ttl'], int)
+
+
+def test_declare_queue_supports_non_ascii_names():
+    channel = FakeChannel()
+    declare_queue(channel, handler('queue.ü', 'route.ü'), 'name')
+    assert dict(channel.calls[1][1:])['routing_key'] == 'route.ü'
+
+
+def test_check_unique_queues_accepts_distinct_queues():
+    check_unique_queues([('one', handler('a')), ('two', handler('b'))])
+
+
+def test_check_unique_queues_refuses_two_handlers_on_one_queue():
+    with pytest.raises(ConfigurationError) as info:
+        check_unique_queues([('one', handler('queue')),
+                             ('two', handler('queue'))])
+    assert isinstance(info.value, FatalError)
+    assert str(info.value) == (
+        "Queue 'queue' is bound to two handlers: 'one' and 'two'")
+
+
+@pytest.mark.parametrize('error', [
+    amqp.exceptions.AccessRefused('ACCESS_REFUSED'),
+    amqp.exceptions.ConnectionForced('closing'),
+    ConnectionRefusedError('refused'),
+], ids=['refused', 'forced', 'network'])
+def test_connect_failure_leaves_no_half_open_connection(fake_amqp, error):
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(Exception):
+        connect(Parameters())
+    [connection] = fake_amqp.instances
+    assert connection.calls == ['connect', 'collect']
+
+
+def test_connect_bounds_blocking_socket_calls(fake_amqp):
+    connection = connect(Parameters(heartbeat_interval=10))
+    assert 0 < connection.transport.sock.timeout <= 60

@@ -1,0 +1,40 @@
+"""Tests for gocept.amqprun.interfaces: the events and the exceptions."""
+import pytest
+import zope.interface.verify
+
+from gocept.amqprun import interfaces
+
+
+@pytest.mark.parametrize('event, interface', [
+    (interfaces.ConfigFinished(), interfaces.IConfigFinished),
+    (interfaces.ProcessStarted(), interfaces.IProcessStarted),
+    (interfaces.ProcessStopping(), interfaces.IProcessStopping),
+    (interfaces.MessageStored('message', 'path'), interfaces.IMessageStored),
+], ids=lambda value: type(value).__name__)
+def test_events_provide_their_interfaces(event, interface):
+    assert zope.interface.verify.verifyObject(interface, event)
+
+
+def test_message_stored_carries_message_and_path():
+    event = interfaces.MessageStored('message', 'foo/bar')
+    assert (event.message, event.path) == ('message', 'foo/bar')
+
+
+@pytest.mark.parametrize('error', [
+    interfaces.ConnectionLost, interfaces.CommitFailed])
+def test_recoverable_errors(error):
+    assert issubclass(error, interfaces.RecoverableError)
+    assert not issubclass(error, interfaces.FatalError)
+
+
+@pytest.mark.parametrize('error', [
+    interfaces.ConfigurationError, interfaces.BrokerUnreachable,
+    interfaces.AccessRefused])
+def test_fatal_errors(error):
+    assert issubclass(error, interfaces.FatalError)
+    assert not issubclass(error, interfaces.RecoverableError)
+
+
+def test_all_errors_share_a_base_class():
+    assert issubclass(interfaces.RecoverableError, interfaces.AMQPRunError)
+    assert issubclass(interfaces.FatalError, interfaces.AMQPRunError)

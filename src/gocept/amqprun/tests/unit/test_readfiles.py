@@ -1,0 +1,354 @@
+"""Tests for gocept.amqprun.readfiles: the Maildir reader without a broker.
+"""
+import logging
+import os
+import shutil
+import threading
+
+import pytest
+import transaction
+import zope.component
+import zope.component.event  # noqa: F401 (events reach handlers)
+import zope.event
+import zope.interface
+import zope.interface.verify
+
+import gocept.amqprun.interfaces
+import gocept.amqprun.main
+from gocept.amqprun.readfiles import Maildir
+from gocept.amqprun.readfiles import MaildirReader
+from gocept.amqprun.readfiles import filename_header
+from gocept.amqprun.readfiles import register_reader
+from gocept.amqprun.testing import wait_for
+
+
+class FakeSender:
+    """ISender that "publishes" when the transaction commits.
+
+    ``fail`` makes the commit fail, like a broker that is down. ``on_send``
+    is called with each message (to meddle with the Maildir meanwhile).
+    """
+
+    def __init__(self, maildir):
+        self.maildir = maildir
+        self.sent = []
+        self.fail = False
+        self.on_send = None
+        #: Whether the file was still in new/ when the commit happened.
+        self.in_new_at_commit = []
+
+    def send(self, message):
+        if self.on_send is not None:
+            self.on_send(message)
+        transaction.get().join(FakeAMQPDataManager(self, message))
+
+
+class FakeAMQPDataManager:
+    """Commits a FakeSender's message in vote, as the real one does."""
+
+    transaction_manager = None
+
+    def __init__(self, sender, message):
+        self.sender = sender
+        self.message = message
+
+    def abort(self, txn):
+        pass
+
+    tpc_begin = commit = tpc_finish = tpc_abort = abort
+
+    def tpc_vote(self, txn):
+        if self.sender.fail:
+            raise gocept.amqprun.interfaces.CommitFailed('broker is down')
+        name = self.message.header.headers['X-Filename']
+        self.sender.in_new_at_commit.append(os.path.exists(
+            os.path.join(self.sender.maildir, 'new', name)))
+        self.sender.sent.append(self.message)
+
+    def sortKey(self):
+        return '~~gocept.amqprun'
+
+
+def deliver(maildir, name, content=b'contents'):
+    """Put a file into the Maildir the proper way: tmp/, then new/."""
+    tmp = os.path.join(maildir, 'tmp', name)
+    with open(tmp, 'wb') as f:
+        f.write(content)
+    os.rename(tmp, os.path.join(maildir, 'new', name))
+
+
+def listing(maildir, subdirectory):
+    return sorted(os.listdir(os.path.join(maildir, subdirectory)))
+
+
+@pytest.fixture
+def maildir(tmp_path):
+    return str(tmp_path / 'maildir')
+
+
+@pytest.fixture
+def sender(maildir):
+    return FakeSender(maildir)
+
+
+@pytest.fixture
+def reader(maildir):
+    reader = MaildirReader(maildir, 'test.data', poll_interval=0.01)
+    yield reader
+    reader.stop()
+    if reader.thread is not None:
+        reader.thread.join(5)
+        assert not reader.thread.is_alive(), 'reader thread survived'
+
+
+@pytest.fixture
+def stop_requests(monkeypatch):
+    """Record calls of ``main.request_stop`` instead of stopping."""
+    calls = []
+    monkeypatch.setattr(gocept.amqprun.main, 'request_stop',
+                        lambda *args: calls.append(args))
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def clean_transaction():
+    transaction.abort()
+    yield
+    transaction.abort()
+
+
+# -- the Maildir -------------------------------------------------------------
+
+def test_reader_prepares_the_maildir(maildir):
+    MaildirReader(maildir, 'test.data')
+    assert listing(maildir, '.') == ['cur', 'new', 'tmp']
+    MaildirReader(maildir, 'test.data')  # existing directories are fine
+
+
+def test_something_in_the_way_of_the_maildir_is_an_error(tmp_path):
+    (tmp_path / 'maildir').mkdir()
+    (tmp_path / 'maildir' / 'new').write_text('')
+    with pytest.raises(FileExistsError):
+        MaildirReader(str(tmp_path / 'maildir'), 'test.data')
+
+
+def test_new_files_are_sorted_without_dot_files_and_directories(
+        maildir, reader):
+    for name in ['b', 'a', '.hidden', 'c']:
+        deliver(maildir, name)
+    os.mkdir(os.path.join(maildir, 'new', 'subdirectory'))
+    assert Maildir(maildir).new_files() == ['a', 'b', 'c']
+
+
+def test_filename_header_replaces_what_is_not_utf8():
+    assert filename_header('foo.xml') == 'foo.xml'
+    assert filename_header(os.fsdecode(b'caf\xe9.xml')) == 'caf\ufffd.xml'
+
+
+# -- scanning ----------------------------------------------------------------
+
+def test_empty_new_directory_sends_nothing(reader, sender):
+    assert reader.scan(sender) == 0
+    assert sender.sent == []
+
+
+def test_file_is_sent_and_moved_to_cur_after_the_commit(
+        maildir, reader, sender):
+    deliver(maildir, 'foo.xml', b'contents')
+    assert reader.scan(sender) == 1
+    (message,) = sender.sent
+    assert message.body == b'contents'
+    assert message.routing_key == 'test.data'
+    assert message.header.content_type == 'text/xml'
+    assert message.header.headers == {'X-Filename': 'foo.xml'}
+    assert message.header.message_id
+    assert sender.in_new_at_commit == [True]
+    assert listing(maildir, 'new') == []
+    assert listing(maildir, 'cur') == ['foo.xml']
+
+
+def test_files_are_sent_in_name_order_each_in_its_own_transaction(
+        maildir, reader, sender):
+    for name in ['2', '1', '3']:
+        deliver(maildir, name, name.encode())
+    assert reader.scan(sender) == 3
+    assert [m.body for m in sender.sent] == [b'1', b'2', b'3']
+    assert listing(maildir, 'cur') == ['1', '2', '3']
+
+
+def test_failing_commit_leaves_the_file_in_new(
+        maildir, reader, sender, caplog):
+    deliver(maildir, 'a')
+    deliver(maildir, 'b')
+    sender.fail = True
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.readfiles'):
+        assert reader.scan(sender) == 0
+    assert listing(maildir, 'new') == ['a', 'b']
+    assert listing(maildir, 'cur') == []
+    assert 'it stays in new/ and is sent again' in caplog.text
+    assert 'broker is down' in caplog.text
+    assert caplog.text.count('failed') == 1  # stopped at the first file
+    sender.fail = False
+    assert reader.scan(sender) == 2
+    assert listing(maildir, 'cur') == ['a', 'b']
+
+
+def test_file_that_vanishes_before_it_is_read_is_skipped(
+        maildir, reader, sender, caplog):
+    deliver(maildir, 'a')
+    deliver(maildir, 'b')
+    deliver(maildir, 'c')
+    sender.on_send = lambda message: (
+        message.header.headers['X-Filename'] == 'a'
+        and os.remove(os.path.join(maildir, 'new', 'b')))
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.readfiles'):
+        assert reader.scan(sender) == 3
+    assert [m.header.headers['X-Filename'] for m in sender.sent] == ['a', 'c']
+    assert 'b vanished from' in caplog.text
+
+
+def test_non_utf8_file_names_are_sent(maildir, reader, sender):
+    name = os.fsdecode(b'caf\xe9')
+    deliver(maildir, name)
+    reader.scan(sender)
+    assert sender.sent[0].header.headers['X-Filename'] == 'caf\ufffd'
+    assert listing(maildir, 'cur') == [name]
+
+
+def test_removed_new_directory_is_an_os_error(maildir, reader, sender):
+    shutil.rmtree(os.path.join(maildir, 'new'))
+    with pytest.raises(FileNotFoundError):
+        reader.scan(sender)
+
+
+def test_failing_move_after_the_commit_is_an_os_error(
+        maildir, reader, sender):
+    deliver(maildir, 'a')
+    shutil.rmtree(os.path.join(maildir, 'cur'))
+    with pytest.raises(FileNotFoundError):
+        reader.scan(sender)
+    assert len(sender.sent) == 1
+    assert listing(maildir, 'new') == ['a']
+
+
+def test_stop_ends_a_scan_after_the_current_file(maildir, reader, sender):
+    deliver(maildir, 'a')
+    deliver(maildir, 'b')
+    sender.on_send = lambda message: reader.stop()
+    assert reader.scan(sender) == 1
+    assert listing(maildir, 'new') == ['b']
+
+
+# -- the loop ----------------------------------------------------------------
+
+@pytest.fixture
+def registered_sender(clean_registry, sender):
+    zope.component.provideUtility(sender, gocept.amqprun.interfaces.ISender)
+    return sender
+
+
+def test_reader_provides_iloop(reader):
+    assert zope.interface.verify.verifyObject(
+        gocept.amqprun.interfaces.ILoop, reader)
+    assert repr(reader) == "<MaildirReader %s -> 'test.data'>" % (
+        reader.maildir.path)
+
+
+def test_loop_sends_files_until_stopped(
+        maildir, reader, registered_sender, stop_requests):
+    reader.on_process_started(None)
+    assert reader.wait_until_running(5)
+    assert reader.thread.name == 'amqprun-readfiles'
+    deliver(maildir, 'foo.xml')
+    wait_for(lambda: listing(maildir, 'cur') == ['foo.xml'])
+    assert [m.body for m in registered_sender.sent] == [b'contents']
+    reader.on_process_stopping(None)
+    assert not reader.thread.is_alive()
+    assert not reader.running
+    assert stop_requests == []
+
+
+def test_process_started_twice_starts_one_thread(
+        reader, registered_sender):
+    reader.on_process_started(None)
+    thread = reader.thread
+    reader.on_process_started(None)
+    assert reader.thread is thread
+
+
+def test_reader_can_be_started_again_after_a_stop(
+        maildir, reader, registered_sender):
+    reader.on_process_started(None)
+    reader.on_process_stopping(None)
+    reader.on_process_started(None)
+    assert reader.wait_until_running(5)
+    deliver(maildir, 'again')
+    wait_for(lambda: listing(maildir, 'cur') == ['again'])
+
+
+def test_stopping_a_reader_that_never_started(reader):
+    reader.on_process_stopping(None)
+    assert reader.thread is None
+
+
+def test_stopping_waits_a_bounded_time(
+        maildir, reader, registered_sender, caplog):
+    entered = threading.Event()
+    release = threading.Event()
+
+    def block(message):
+        entered.set()
+        release.wait(10)
+
+    registered_sender.on_send = block
+    deliver(maildir, 'slow')
+    reader.stop_timeout = 0.05
+    reader.on_process_started(None)
+    assert entered.wait(5)
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.readfiles'):
+        reader.on_process_stopping(None)
+    assert 'did not stop within 0.05 s' in caplog.text
+    release.set()
+    reader.thread.join(5)
+    assert listing(maildir, 'cur') == ['slow']
+
+
+def test_file_system_error_stops_the_process_once(
+        maildir, reader, registered_sender, stop_requests, caplog):
+    reader.on_process_started(None)
+    assert reader.wait_until_running(5)
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        shutil.rmtree(os.path.join(maildir, 'new'))
+        reader.thread.join(5)
+    assert not reader.thread.is_alive()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].getMessage().startswith(
+        'Unhandled exception, terminating.')
+    assert 'FileNotFoundError' in errors[0].getMessage()
+    assert len(stop_requests) == 1
+    assert stop_requests[0][0] == 1
+    assert maildir in stop_requests[0][1]
+
+
+def test_missing_sender_stops_the_process(
+        reader, clean_registry, stop_requests):
+    reader.start()  # returns at once
+    assert len(stop_requests) == 1
+
+
+# -- registration ------------------------------------------------------------
+
+def test_register_reader_hooks_the_reader_to_the_process_events(
+        maildir, registered_sender):
+    reader = register_reader(maildir, 'test.data', 0.01)
+    assert reader.poll_interval == 0.01
+    assert listing(maildir, '.') == ['cur', 'new', 'tmp']
+    try:
+        zope.event.notify(gocept.amqprun.interfaces.ProcessStarted())
+        assert reader.wait_until_running(5)
+        deliver(maildir, 'x')
+        wait_for(lambda: listing(maildir, 'cur') == ['x'])
+    finally:
+        zope.event.notify(gocept.amqprun.interfaces.ProcessStopping())
+    assert not reader.thread.is_alive()
