@@ -21,6 +21,7 @@ speed is asserted anywhere).
 """
 import argparse
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -116,14 +117,23 @@ class Names:
                     AMQPRUN_BENCH_REPLY_ROUTING_KEY=self.reply_routing_key)
 
 
-def connect(broker, virtual_host):
-    """A plain py-amqp connection to ``virtual_host``."""
+@contextlib.contextmanager
+def connected(broker, virtual_host):
+    """A plain py-amqp connection to ``virtual_host``, closed afterwards.
+    """
     connection = amqp.Connection(
         host='%s:%s' % (broker.hostname, broker.port),
         userid=broker.username, password=broker.password,
         virtual_host=virtual_host)
     connection.connect()
-    return connection
+    try:
+        yield connection
+    except BaseException:
+        # An interrupted read leaves the framing in an unknown state, and
+        # the close handshake could wait forever: just drop the socket.
+        connection.collect()
+        raise
+    connection.close()
 
 
 def body_of(size):
@@ -135,8 +145,7 @@ def preload(broker, virtual_host, names, count, size):
     """Declare both durable queues; fill the request queue with ``count``
     persistent messages (as the daemon would declare it: bound to
     ``amq.topic``)."""
-    connection = connect(broker, virtual_host)
-    try:
+    with connected(broker, virtual_host) as connection:
         channel = connection.channel()
         channel.queue_declare(names.queue, durable=True, auto_delete=False)
         channel.queue_bind(names.queue, 'amq.topic', names.routing_key)
@@ -152,8 +161,6 @@ def preload(broker, virtual_host, names, count, size):
                              timestamp=int(time.time())),
                 exchange='amq.topic', routing_key=names.routing_key)
         wait_for_queue_length(channel, names.queue, count)
-    finally:
-        connection.close()
 
 
 def wait_for_queue_length(channel, queue, count, timeout=STALL_TIMEOUT):
@@ -175,8 +182,7 @@ def run_raw(broker, virtual_host, names, count, prefetch):
     Returns the :class:`Result` from the first commit to the last, with
     the CPU time of this process (which runs nothing else meanwhile).
     """
-    connection = connect(broker, virtual_host)
-    try:
+    with connected(broker, virtual_host) as connection:
         channel = connection.channel()
         channel.tx_select()
         channel.basic_qos(0, prefetch, False)
@@ -214,8 +220,6 @@ def run_raw(broker, virtual_host, names, count, prefetch):
                 first, cpu_first = last, time.process_time()
         cpu = time.process_time() - cpu_first
         wait_for_queue_length(channel, names.reply_queue, count)
-    finally:
-        connection.close()
     return Result(count, last - first, cpu)
 
 
@@ -223,8 +227,8 @@ class ReplyCounter:
     """An independent client that counts the daemon's replies as they come.
     """
 
-    def __init__(self, broker, virtual_host, queue):
-        self.connection = connect(broker, virtual_host)
+    def __init__(self, connection, queue):
+        self.connection = connection
         #: The process whose CPU time to measure (set it before counting).
         self.pid = None
         self.count = 0
@@ -268,10 +272,6 @@ class ReplyCounter:
             cpu -= self.cpu_first
         return Result(self.count, self.last - self.first, cpu)
 
-    def close(self):
-        """Disconnect."""
-        self.connection.close()
-
 
 def run_daemon(broker, virtual_host, names, count, workers, directory,
                profile=None):
@@ -291,30 +291,32 @@ def run_daemon(broker, virtual_host, names, count, workers, directory,
     env = dict(os.environ, **names.environment())
     env['PYTHONPATH'] = os.pathsep.join(
         filter(None, [HERE, os.environ.get('PYTHONPATH')]))
-    # Consuming before the daemon starts: the first reply is seen as it
-    # arrives, not in a burst of replies that waited for the counter.
-    counter = ReplyCounter(broker, virtual_host, names.reply_queue)
     daemon = gocept.amqprun.testing.ServerProcess(config, env=env)
     profiler = None
-    try:
-        daemon.start()
-        counter.pid = daemon.process.pid
-        progress('daemon pid %d, %d worker(s)' % (
-            daemon.process.pid, workers))
-        if profile:
-            profiler = start_profiler(daemon.process.pid, workers, profile)
-        counter.wait_for(count, daemon)
-        result = counter.result()
-        daemon.signal(signal.SIGTERM)
-        status = daemon.wait(60)
-        if status != 0:
-            raise BenchmarkFailed('the daemon exited with status %s:\n%s'
-                                  % (status, daemon.output))
-    finally:
-        daemon.kill()  # by its pid, only if it still runs
-        counter.close()
-        if profiler is not None:
-            stop_profiler(profiler)
+    with connected(broker, virtual_host) as connection:
+        # Consuming before the daemon starts: the first reply is seen as
+        # it arrives, not in a burst of replies that waited for a counter.
+        counter = ReplyCounter(connection, names.reply_queue)
+        try:
+            daemon.start()
+            counter.pid = daemon.process.pid
+            progress('daemon pid %d, %d worker(s)' % (
+                daemon.process.pid, workers))
+            if profile:
+                profiler = start_profiler(
+                    daemon.process.pid, workers, profile)
+            counter.wait_for(count, daemon)
+            result = counter.result()
+            daemon.signal(signal.SIGTERM)
+            status = daemon.wait(60)
+            if status != 0:
+                raise BenchmarkFailed(
+                    'the daemon exited with status %s:\n%s'
+                    % (status, daemon.output))
+        finally:
+            daemon.kill()  # by its pid, only if it still runs
+            if profiler is not None:
+                stop_profiler(profiler)
     return result
 
 
@@ -327,10 +329,13 @@ def start_profiler(pid, workers, directory):
     path = os.path.join(directory, 'daemon-%dw-%d.txt' % (workers, number))
     progress('profiling the daemon into %s' % path)
     # --threads: one stack root per thread (amqprun-io, amqprun-worker-N);
+    # --idle: waiting threads too, so each thread's samples show where its
+    # wall-clock time goes (py-spy's on-CPU guess counts lock waits anyway);
     # raw: collapsed stacks, one line per stack with its sample count.
     return subprocess.Popen(
-        ['py-spy', 'record', '--pid', str(pid), '--threads', '--rate', '250',
-         '--format', 'raw', '--output', path, '--nonblocking'],
+        ['py-spy', 'record', '--pid', str(pid), '--threads', '--idle',
+         '--rate', '250', '--format', 'raw', '--output', path,
+         '--nonblocking'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -362,26 +367,30 @@ def measure(broker, name, count, size, run):
             name, result.rate, format_cpu(result.cpu_share)))
         return result
     finally:
+        remove(broker, virtual_host, names)
+
+
+def remove(broker, virtual_host, names):
+    """Delete the run's fresh vhost, or its queues on a fixed one."""
+    if virtual_host == broker.virtual_host:
         delete_queues(broker, virtual_host, names)
-        try:
-            broker.delete_vhost(virtual_host)
-        except RuntimeError as e:
-            progress('could not delete virtual host %s: %s' % (
-                virtual_host, e))
+        return
+    try:
+        broker.delete_vhost(virtual_host)  # with its queues
+    except RuntimeError as e:
+        progress('could not delete virtual host %s: %s' % (virtual_host, e))
 
 
 def delete_queues(broker, virtual_host, names):
-    """Remove the run's queues (they outlive it on a fixed vhost)."""
+    """Remove the run's queues (best effort)."""
     try:
-        connection = connect(broker, virtual_host)
-    except Exception:
-        return  # best effort: the vhost goes anyway unless it is fixed
-    try:
-        channel = connection.channel()
-        channel.queue_delete(names.queue)
-        channel.queue_delete(names.reply_queue)
-    finally:
-        connection.close()
+        with connected(broker, virtual_host) as connection:
+            channel = connection.channel()
+            channel.queue_delete(names.queue)
+            channel.queue_delete(names.reply_queue)
+    except (OSError, amqp.exceptions.AMQPError) as e:
+        progress('could not delete the queues %s and %s: %s' % (
+            names.queue, names.reply_queue, e))
 
 
 def parse_arguments(argv):

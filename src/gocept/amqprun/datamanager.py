@@ -22,11 +22,27 @@ import logging
 import transaction.interfaces
 import zope.interface
 
+import gocept.amqprun.interfaces
+
 
 log = logging.getLogger(__name__)
 
 #: How long a worker waits for the I/O thread to carry out its commit.
 COMMIT_TIMEOUT = 60
+
+_IN_DOUBT = object()
+
+
+def commit_in_doubt(txn):
+    """True when ``txn``'s AMQP commit failed with an unknown outcome.
+
+    For resources that vote before the broker: in ``tpc_abort`` they learn
+    whether the broker may have committed after all (keep what you wrote).
+    """
+    try:
+        return txn.data(_IN_DOUBT)
+    except KeyError:
+        return False
 
 
 @zope.interface.implementer(transaction.interfaces.IDataManagerSavepoint)
@@ -67,7 +83,11 @@ class AMQPDataManager:
         if self._op.delivery is None and not self._op.messages:
             return
         self.session.server.submit(self._op)
-        self._op.wait(COMMIT_TIMEOUT)
+        try:
+            self._op.wait(COMMIT_TIMEOUT)
+        except gocept.amqprun.interfaces.CommitInDoubt:
+            txn.set_data(_IN_DOUBT, True)
+            raise
         # Settled now: the broker has the ack, whatever happens to the
         # other resources' tpc_finish (which runs before ours).
         self.session.committed()

@@ -75,6 +75,33 @@ def wait_for(condition, timeout=10, interval=0.02, message=None):
         time.sleep(interval)
 
 
+def script(name):
+    """The path of the console script ``name`` of this installation.
+
+    It is looked for next to ``sys.executable`` (a virtualenv, a system
+    Python), then next to the running script (``bin/`` of a buildout,
+    where ``bin/test`` has ``bin/server`` beside it).
+    """
+    for directory in (os.path.dirname(sys.executable),
+                      os.path.dirname(os.path.abspath(sys.argv[0]))):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    raise RuntimeError('Console script %r not found' % name)
+
+
+def subprocess_environment(env=None, **variables):
+    """``env`` (default: ``os.environ``) plus ``variables``, with this
+    process's ``sys.path`` as ``PYTHONPATH``.
+
+    A Python subprocess started with it imports what this process imports,
+    also when a buildout script set up ``sys.path`` here.
+    """
+    env = dict(os.environ if env is None else env, **variables)
+    env['PYTHONPATH'] = os.pathsep.join(path for path in sys.path if path)
+    return env
+
+
 # -- the broker --------------------------------------------------------------
 
 class Broker:
@@ -120,17 +147,24 @@ class Broker:
         if self.virtual_host:
             return self.virtual_host
         name = 'test.%s' % uuid.uuid4().hex[:12]
-        self._ctl('add_vhost', name)
-        self._ctl('set_permissions', '-p', name, self.username,
-                  '.*', '.*', '.*')
+        self.ctl('add_vhost', name)
+        self.ctl('set_permissions', '-p', name, self.username,
+                 '.*', '.*', '.*')
         return name
 
     def delete_vhost(self, name):
         """Delete a virtual host made by :meth:`create_vhost`."""
         if name != self.virtual_host:
-            self._ctl('delete_vhost', name)
+            self.ctl('delete_vhost', name)
 
-    def _ctl(self, *args):
+    def ctl(self, *args):
+        """Run ``rabbitmqctl`` with ``args`` against this broker; return its
+        output.
+
+        A private node runs its own; for a broker of your own,
+        ``AMQP_RABBITMQCTL`` names the command (default ``rabbitmqctl``).
+        Raises RuntimeError when the command fails.
+        """
         if self.node is not None:
             return self.node.ctl(*args)
         command = shlex.split(
@@ -140,6 +174,8 @@ class Broker:
             raise RuntimeError('%s failed: %s' % (
                 ' '.join(command), result.stdout + result.stderr))
         return result.stdout
+
+    _ctl = ctl
 
     def parameters(self, virtual_host, **kw):
         """:class:`gocept.amqprun.connection.Parameters` for a vhost."""
@@ -225,7 +261,14 @@ class Client:
     expect_response_on = expect_message_on
 
     def wait_for_message(self, timeout=10):
-        """Return the next received message; RuntimeError on timeout."""
+        """Return the next received message; RuntimeError on timeout.
+
+        The message is py-amqp's: ``body`` (bytes, or text when the sender
+        set ``content_encoding``), ``properties`` (``message_id``,
+        ``correlation_id``, ``application_headers``, ...), ``headers``
+        (the application headers) and ``delivery_info`` (``routing_key``,
+        ``exchange``).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.channel.basic_get(self.receive_queue, no_ack=True)
@@ -363,30 +406,35 @@ def handler_queues():
                        gocept.amqprun.interfaces.IHandler)})
 
 
-def ready_counts(parameters, queues):
-    """Return {queue: ready messages} as the broker sees it now.
+class QueueProbe:
+    """A connection that asks the broker how many messages queues hold."""
 
-    A queue that does not exist counts 0. Messages a consumer received but
-    has not acknowledged yet are not counted (AMQP does not tell).
-    """
-    connection = amqp.Connection(
-        host=parameters.address, userid=parameters.username or 'guest',
-        password=parameters.password or 'guest',
-        virtual_host=parameters.virtual_host)
-    connection.connect()
-    try:
-        channel = connection.channel()
+    def __init__(self, parameters):
+        self.connection = amqp.Connection(
+            host=parameters.address, userid=parameters.username or 'guest',
+            password=parameters.password or 'guest',
+            virtual_host=parameters.virtual_host)
+        self.connection.connect()
+        self.channel = self.connection.channel()
+
+    def ready_counts(self, queues):
+        """Return {queue: ready messages} as the broker sees it now.
+
+        A queue that does not exist counts 0. Messages a consumer received
+        but has not acknowledged yet are not counted (AMQP does not tell).
+        """
         counts = {}
         for queue in queues:
             try:
-                _, counts[queue], _ = channel.queue_declare(
+                _, counts[queue], _ = self.channel.queue_declare(
                     queue, passive=True)
             except amqp.exceptions.NotFound:
                 counts[queue] = 0
-                channel = connection.channel()  # NOT_FOUND closed it
+                self.channel = self.connection.channel()  # NOT_FOUND closed
         return counts
-    finally:
-        connection.close()
+
+    def close(self):
+        self.connection.close()
 
 
 def wait_until_settled(is_busy, timeout, settle=0.1, interval=0.02,
@@ -558,12 +606,16 @@ class MainThread:
         """
         server = self.server
         queues = handler_queues()
+        probe = QueueProbe(server.parameters)
 
         def is_busy():
             if server.tasks.unfinished_tasks:
                 return True
-            return any(ready_counts(server.parameters, queues).values())
-        wait_until_settled(is_busy, timeout, settle)
+            return any(probe.ready_counts(queues).values())
+        try:
+            wait_until_settled(is_busy, timeout, settle)
+        finally:
+            probe.close()
 
 
 class ServerProcess:
@@ -578,10 +630,7 @@ class ServerProcess:
                  virtual_host=None):
         self.config_path = config_path
         self.output_path = config_path + '.out'
-        if env is None:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                path for path in sys.path if path))
-        self.env = env
+        self.env = subprocess_environment() if env is None else env
         #: For :meth:`wait_for_processing`.
         self.broker = broker
         self.virtual_host = virtual_host
@@ -641,7 +690,7 @@ class ServerProcess:
                                'virtual host of the process')
 
         def is_busy():
-            output = self.broker._ctl(
+            output = self.broker.ctl(
                 'list_queues', '-q', '--no-table-headers', '-p',
                 self.virtual_host, 'messages', 'consumers')
             for line in output.splitlines():

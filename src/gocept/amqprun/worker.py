@@ -227,7 +227,12 @@ class Worker(threading.Thread):
                           exc_info=True)
             # else: not the handler's fault, _give_back logs a warning
             transaction.abort()
-            if gocept.amqprun.interfaces.IResponse.providedBy(response):
+            if (gocept.amqprun.interfaces.IResponse.providedBy(response)
+                    and not isinstance(
+                        e, gocept.amqprun.interfaces.ConnectionLost)):
+                # (After a lost connection the delivery cannot be acked;
+                # the broker hands the message out again, to be handled
+                # afresh.)
                 self._report_commit_error(session, message, response)
             return e
         return None

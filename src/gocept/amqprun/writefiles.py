@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import string
-import sys
 import uuid
 
 import transaction
@@ -270,16 +269,12 @@ class FileDataManager:
     def tpc_abort(self, txn):
         """Remove what was written, unless the AMQP commit is in doubt;
         never raises."""
-        # The transaction package calls tpc_abort while it handles the
-        # error of the failed vote. When that is CommitInDoubt the broker
-        # may have acked the message: the files must stay (a duplicate
-        # pair if it comes back is better than a lost message).
-        error = sys.exc_info()[1]
-        if (self._written and isinstance(
-                error, gocept.amqprun.interfaces.CommitInDoubt)):
+        # When the AMQP commit is in doubt the broker may have acked the
+        # message: the files must stay (a duplicate pair if it comes back
+        # is better than a lost message).
+        if self._written and gocept.amqprun.datamanager.commit_in_doubt(txn):
             log.warning('Kept %s although the transaction failed: the AMQP '
-                        'commit is in doubt (%s)', ', '.join(self._written),
-                        error)
+                        'commit is in doubt', ', '.join(self._written))
             self._written = []
         self._discard()
 

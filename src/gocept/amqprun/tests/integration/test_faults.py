@@ -162,7 +162,7 @@ def report(name, duplicates, flagged):
 # -- 1. connection cut -------------------------------------------------------
 
 def test_cut_connection_reconnects_and_every_reply_arrives_once(
-        daemon, amqp_broker, amqp_vhost, proxy, replies):
+        proxy, daemon, amqp_broker, amqp_vhost, replies):
     daemon(amqp_broker, amqp_vhost, 'numbers', workers=4,
            amqp_port=proxy.port, amqp_extra=FAST_RECONNECT)
     bodies = numbered(1000)
@@ -229,30 +229,40 @@ def test_broker_restart_loses_no_persistent_message(
 
 # -- 3. stalled connection, heartbeat timeout --------------------------------
 
-def test_stalled_connection_is_detected_by_heartbeat_and_replaced(
-        daemon, amqp_broker, amqp_vhost, proxy, replies):
+def test_stalled_connection_is_detected_and_replaced(
+        proxy, daemon, amqp_broker, amqp_vhost, replies):
     daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
            amqp_port=proxy.port, settings=['faults.sleep 0.01'],
            amqp_extra=('heartbeat_interval 1', 'connect_timeout 2')
            + FAST_RECONNECT)
-    bodies = numbered(300)
-    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
-    replies.wait_for_count(50)
-    proxy.stall()
-    stalled = time.monotonic()
-    # The daemon gives up on the silent connection after two heartbeat
-    # intervals (or when a commit's reply is that late) and connects anew;
-    # the proxy accepts that connection (and stalls it, too).
-    wait_for(lambda: proxy.accepted >= 2, timeout=10,
-             message='The stalled connection was not replaced.')
-    detected = time.monotonic() - stalled
-    arrived_while_stalled = len(replies.copies)
-    proxy.resume()
-    replies.wait_for(bodies, timeout=60)
+
+    def stall_until_replaced(connections):
+        # Stalled, a new connection attempt is accepted by the proxy (and
+        # stalled, too) once the daemon gave up on the silent one.
+        proxy.stall()
+        stalled = time.monotonic()
+        wait_for(lambda: proxy.accepted > connections, timeout=10,
+                 message='The stalled connection was not replaced.')
+        detected = time.monotonic() - stalled
+        proxy.resume()
+        return detected
+
+    # Idle: only heartbeats flow, so the missed heartbeats tell.
+    idle = numbered(50)
+    publish(amqp_broker, amqp_vhost, idle, 'faults.number')
+    replies.wait_for(idle, timeout=20)
+    detected_idle = stall_until_replaced(1)
+    # Busy: a commit waits for the broker's answer; its time-out tells.
+    busy = numbered(300)
+    publish(amqp_broker, amqp_vhost, busy, 'faults.number')
+    replies.wait_for_count(len(idle) + 50)
+    detected_busy = stall_until_replaced(proxy.accepted)
+    replies.wait_for(idle + busy, timeout=60)
     replies.drain(0.5)
-    report('stall', *replies.check(bodies))
-    assert detected < 5, 'Took %.1f s to notice the stall' % detected
-    assert arrived_while_stalled < len(bodies)
+    report('stall', *replies.check(idle + busy))
+    # two heartbeat intervals (1 s) and some slack
+    assert detected_idle < 4, 'Took %.1f s to notice' % detected_idle
+    assert detected_busy < 4, 'Took %.1f s to notice' % detected_busy
 
 
 # -- 4. poison message -------------------------------------------------------
@@ -297,7 +307,7 @@ def test_poison_message_is_dead_lettered_after_max_attempts_without_spinning(
 
 
 def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
-        daemon, amqp_broker, amqp_vhost, proxy, replies):
+        proxy, daemon, amqp_broker, amqp_vhost, replies):
     dead = Replies(amqp_broker, amqp_vhost, 'faults.dead')
     try:
         daemon(amqp_broker, amqp_vhost, 'unsendable', workers=2,
@@ -376,7 +386,7 @@ def test_kill_9_under_load_and_restart_loses_nothing(
 # -- 7. long handlers --------------------------------------------------------
 
 def test_handler_sleeping_past_the_heartbeat_keeps_the_connection(
-        daemon, amqp_broker, amqp_vhost, proxy, replies):
+        proxy, daemon, amqp_broker, amqp_vhost, replies):
     daemon(amqp_broker, amqp_vhost, 'slow', workers=1,
            amqp_port=proxy.port, amqp_extra=['heartbeat_interval 1'])
     [body] = numbered(1)
@@ -398,9 +408,9 @@ def short_consumer_timeout(amqp_broker):
     after this fixture. The previous values are restored afterwards.
     """
     names = ('consumer_timeout', 'channel_tick_interval')
-    previous = amqp_broker._ctl('eval', '{%s}.' % ', '.join(
+    previous = amqp_broker.ctl('eval', '{%s}.' % ', '.join(
         'application:get_env(rabbit, %s)' % name for name in names))
-    amqp_broker._ctl(
+    amqp_broker.ctl(
         'eval', 'application:set_env(rabbit, consumer_timeout, 2000), '
         'application:set_env(rabbit, channel_tick_interval, 250).')
     yield 2.0
@@ -412,7 +422,7 @@ def short_consumer_timeout(amqp_broker):
                            % (name, value[3:].strip('{}')))
         else:
             restore.append('application:unset_env(rabbit, %s)' % name)
-    amqp_broker._ctl('eval', ', '.join(restore) + '.')
+    amqp_broker.ctl('eval', ', '.join(restore) + '.')
 
 
 def test_handler_exceeding_consumer_timeout_is_redelivered_flagged_once(
@@ -485,7 +495,7 @@ class SendingThread:
 
 
 def test_isender_in_other_threads_works_again_after_a_reconnect(
-        daemon, amqp_broker, amqp_vhost, proxy, replies):
+        proxy, daemon, amqp_broker, amqp_vhost, replies):
     main = daemon(amqp_broker, amqp_vhost, 'numbers', workers=1,
                   amqp_port=proxy.port, amqp_extra=FAST_RECONNECT)
     bodies = numbered(5)

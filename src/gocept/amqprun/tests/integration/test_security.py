@@ -14,7 +14,9 @@ import zope.security.management
 import zope.security.simplepolicies
 
 import gocept.amqprun.handler
+import gocept.amqprun.main
 import gocept.amqprun.message
+import gocept.amqprun.security
 import gocept.amqprun.testing
 
 
@@ -167,3 +169,32 @@ def test_principals_do_not_mix_between_messages(daemon, amqp_client):
                                    ('test.principal.other', 'other.user'),
                                    ('test.principal', 'some.user')]:
         assert ask(amqp_client, routing_key)['principals'] == [principal]
+
+
+# -- without zope.security (needs no broker) ---------------------------------
+
+def test_main_refuses_to_start_a_principal_handler_without_zope_security(
+        monkeypatch, tmp_path, clean_registry):
+    monkeypatch.setattr(gocept.amqprun.security, 'available', lambda: False)
+    log_path = tmp_path / 'server.log'
+    config = gocept.amqprun.testing.write_config(
+        str(tmp_path), ZCML, gocept.amqprun.testing.CONFIG_TEMPLATE,
+        dict(amqp_hostname='127.0.0.1', amqp_port=1, amqp_username='guest',
+             amqp_password='guest', amqp_virtualhost='/', workers=1,
+             settings='', amqp_extra='', worker_extra='', log_level='INFO',
+             log_path=str(log_path)))
+    logging_state = gocept.amqprun.testing.LoggingState()
+    try:
+        assert gocept.amqprun.main.run(config) == 1
+    finally:
+        logging_state.restore()
+    critical = [line for line in log_path.read_text().splitlines()
+                if 'CRITICAL' in line]
+    assert len(critical) == 1
+    assert ("Handler 'as_some_user' declares principal 'some.user'"
+            in critical[0]) or (
+        "Handler 'as_other_user' declares principal 'other.user'"
+        in critical[0])
+    assert 'install gocept.amqprun[security]' in critical[0]
+    assert 'Process started' not in log_path.read_text()
+    assert gocept.amqprun.main.main_server is None

@@ -1,15 +1,16 @@
 """The ``amqprun-send`` console script against the real broker."""
-import os
+import io
 import socket
 import subprocess
 import sys
 
 import pytest
 
+import gocept.amqprun.send
 import gocept.amqprun.testing
 
 
-SCRIPT = os.path.join(os.path.dirname(sys.executable), 'amqprun-send')
+SCRIPT = gocept.amqprun.testing.script('amqprun-send')
 
 
 def amqprun_send(*args, input=b''):
@@ -19,6 +20,33 @@ def amqprun_send(*args, input=b''):
     result.stdout = result.stdout.decode()
     result.stderr = result.stderr.decode()
     return result
+
+
+class Result:
+    """What ``send.main()`` did in-process: exit status and output."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+@pytest.fixture
+def send_in_process(monkeypatch, capsys):
+    """Run ``gocept.amqprun.send.main()`` in this process (same checks as
+    the console script, seen by coverage)."""
+    def send(*args, input=b''):
+        stdin = io.TextIOWrapper(io.BytesIO(input))
+        monkeypatch.setattr(sys, 'stdin', stdin)
+        logging_state = gocept.amqprun.testing.LoggingState()
+        try:
+            with pytest.raises(SystemExit) as exit:
+                gocept.amqprun.send.main(list(args))
+        finally:
+            logging_state.restore()
+        out, err = capsys.readouterr()
+        return Result(exit.value.code, out, err)
+    return send
 
 
 @pytest.fixture
@@ -53,26 +81,26 @@ def test_body_from_stdin_with_headers_and_content_type(config, amqp_client):
     assert message.properties['message_id'].startswith('<')
 
 
-def test_body_from_a_file(config, amqp_client, tmp_path):
+def test_body_from_a_file(send_in_process, config, amqp_client, tmp_path):
     body = tmp_path / 'body.bin'
     body.write_bytes(bytes(range(256)) * 100)
     amqp_client.expect_message_on('test.send.file')
-    result = amqprun_send(config, 'test.send.file', '--file', str(body))
+    result = send_in_process(config, 'test.send.file', '--file', str(body))
     assert result.returncode == 0, result.stderr
     assert amqp_client.wait_for_message().body == body.read_bytes()
 
 
-def test_empty_body(config, amqp_client):
+def test_empty_body(send_in_process, config, amqp_client):
     amqp_client.expect_message_on('test.send.empty')
-    assert amqprun_send(config, 'test.send.empty').returncode == 0
+    assert send_in_process(config, 'test.send.empty').returncode == 0
     assert not amqp_client.wait_for_message().body  # py-amqp gives ''
 
 
-def test_other_exchange(config, amqp_client):
+def test_other_exchange(send_in_process, config, amqp_client):
     amqp_client.channel.queue_bind(
         amqp_client.receive_queue, 'amq.direct', 'test.send.direct')
-    result = amqprun_send(config, 'test.send.direct', '-e', 'amq.direct',
-                          input=b'direct')
+    result = send_in_process(config, 'test.send.direct', '-e',
+                             'amq.direct', input=b'direct')
     assert result.returncode == 0, result.stderr
     message = amqp_client.wait_for_message()
     assert message.body == b'direct'
@@ -99,48 +127,52 @@ def test_unreachable_broker_is_one_line_and_status_1(
     assert result.stdout == ''
 
 
-def test_refused_credentials_are_one_line_and_status_1(amqp_config):
+def test_refused_credentials_are_one_line_and_status_1(
+        send_in_process, amqp_config):
     config = amqp_config(gocept.amqprun.testing.site_zcml(),
                          amqp_password='wrong')
-    result = amqprun_send(config, 'test.send', input=b'x')
+    result = send_in_process(config, 'test.send', input=b'x')
     assert result.returncode == 1
     assert 'refused user' in one_line(result)
 
 
-def test_invalid_config_file_is_one_line_and_status_2(tmp_path):
+def test_invalid_config_file_is_one_line_and_status_2(
+        send_in_process, tmp_path):
     config = tmp_path / 'bad.conf'
     config.write_text('<amqp-server>\n  port many\n</amqp-server>\n')
-    result = amqprun_send(str(config), 'test.send')
+    result = send_in_process(str(config), 'test.send')
     assert result.returncode == 2
     line = one_line(result)
     assert str(config) in line
     assert 'line' in line
 
 
-def test_missing_config_file_is_one_line_and_status_2(tmp_path):
-    result = amqprun_send(str(tmp_path / 'missing.conf'), 'test.send')
+def test_missing_config_file_is_one_line_and_status_2(
+        send_in_process, tmp_path):
+    result = send_in_process(str(tmp_path / 'missing.conf'), 'test.send')
     assert result.returncode == 2
     assert 'missing.conf' in one_line(result)
 
 
-def test_missing_body_file_is_one_line_and_status_2(config, tmp_path):
-    result = amqprun_send(config, 'test.send', '--file',
-                          str(tmp_path / 'nothing.txt'))
+def test_missing_body_file_is_one_line_and_status_2(
+        send_in_process, config, tmp_path):
+    result = send_in_process(config, 'test.send', '--file',
+                             str(tmp_path / 'nothing.txt'))
     assert result.returncode == 2
     assert one_line(result) == (
         'amqprun-send: Cannot read %s: No such file or directory'
         % (tmp_path / 'nothing.txt'))
 
 
-def test_header_without_value_is_a_usage_error(config):
-    result = amqprun_send(config, 'test.send', '--header', 'novalue')
+def test_header_without_value_is_a_usage_error(send_in_process, config):
+    result = send_in_process(config, 'test.send', '--header', 'novalue')
     assert result.returncode == 2
     assert "expected KEY=VALUE, got 'novalue'" in result.stderr
     assert result.stderr.startswith('usage: amqprun-send')
 
 
-def test_attempts_must_be_positive(config):
-    result = amqprun_send(config, 'test.send', '--attempts', '0')
+def test_attempts_must_be_positive(send_in_process, config):
+    result = send_in_process(config, 'test.send', '--attempts', '0')
     assert result.returncode == 2
     assert one_line(result) == 'amqprun-send: --attempts must be at least 1'
 
@@ -160,9 +192,9 @@ def test_help_describes_the_command():
         assert option in result.stdout
 
 
-def test_verbose_logs_the_connection(config, amqp_client):
+def test_verbose_logs_the_connection(send_in_process, config, amqp_client):
     amqp_client.expect_message_on('test.send.verbose')
-    result = amqprun_send(config, 'test.send.verbose', '-v', input=b'v')
+    result = send_in_process(config, 'test.send.verbose', '-v', input=b'v')
     assert result.returncode == 0
     assert 'AMQP connection to' in result.stderr
     assert amqp_client.wait_for_message().body == b'v'

@@ -6,7 +6,6 @@ loader, ``python -m unittest`` and zope.testrunner; the plugin through a
 """
 import io
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -53,9 +52,10 @@ ZCML = gocept.amqprun.testing.site_zcml(__name__ + '.slow',
 
 def broker_environment(broker, virtual_host):
     """Environment for a test run that uses this run's broker and vhost."""
-    return dict(os.environ, AMQP_HOSTNAME=broker.hostname,
-                AMQP_PORT=str(broker.port), AMQP_USERNAME=broker.username,
-                AMQP_PASSWORD=broker.password, AMQP_VIRTUALHOST=virtual_host)
+    return gocept.amqprun.testing.subprocess_environment(
+        AMQP_HOSTNAME=broker.hostname, AMQP_PORT=str(broker.port),
+        AMQP_USERNAME=broker.username, AMQP_PASSWORD=broker.password,
+        AMQP_VIRTUALHOST=virtual_host)
 
 
 # -- pytest fixtures ---------------------------------------------------------
@@ -225,7 +225,7 @@ def test_test_cases_run_with_the_unittest_loader(amqp_broker):
     assert result.testsRun == 4
     # each class had a virtual host of its own, deleted afterwards
     assert UserQueueTests.virtual_host not in (
-        amqp_broker._ctl('list_vhosts', '-q', '--no-table-headers'))
+        amqp_broker.ctl('list_vhosts', '-q', '--no-table-headers'))
 
 
 def test_a_failing_expectation_fails_the_unittest_test(amqp_broker):

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,9 +16,8 @@ import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
 
 
-BIN = os.path.dirname(sys.executable)
-ZDAEMON = os.path.join(BIN, 'zdaemon')
-SERVER = os.path.join(BIN, 'server')
+ZDAEMON = gocept.amqprun.testing.script('zdaemon')
+SERVER = gocept.amqprun.testing.script('server')
 
 ZCML = gocept.amqprun.testing.site_zcml(
     'gocept.amqprun.tests.integration.handlers.echo',

@@ -15,6 +15,8 @@ import gocept.amqprun.datamanager
 import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 from gocept.amqprun.message import Message
+from gocept.amqprun.session import Session
+from gocept.amqprun.tests.unit.fakes import FakeServer
 from gocept.amqprun.writefiles import DEFAULT_PATTERN
 from gocept.amqprun.writefiles import FileDataManager
 from gocept.amqprun.writefiles import FileWriter
@@ -419,17 +421,18 @@ def test_failing_later_vote_removes_the_written_files(tmp_path, caplog):
 
 
 def test_files_stay_when_the_amqp_commit_is_in_doubt(tmp_path, caplog):
+    server = FakeServer(outcomes=[
+        gocept.amqprun.interfaces.CommitInDoubt('connection lost')])
     writer = FileWriter(str(tmp_path), 'foo.xml')
     transaction.begin()
     writer(message())
-    transaction.get().join(FailingVote(
-        gocept.amqprun.interfaces.CommitInDoubt('connection lost')))
+    Session(server).send(message())
     with caplog.at_level(logging.WARNING, 'gocept.amqprun.writefiles'):
         with pytest.raises(gocept.amqprun.interfaces.CommitInDoubt):
             transaction.commit()
         transaction.abort()
     assert files_below(tmp_path) == ['foo.header.xml', 'foo.xml']
-    assert 'the AMQP commit is in doubt (connection lost)' in caplog.text
+    assert 'the AMQP commit is in doubt' in caplog.text
 
 
 def test_failing_write_leaves_no_temporary_file(tmp_path):
