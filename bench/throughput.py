@@ -285,7 +285,7 @@ def run_daemon(broker, virtual_host, names, count, workers, directory,
     mapping = dict(broker.config_mapping(virtual_host),
                    workers=workers, settings='', amqp_extra='',
                    worker_extra='', log_level='WARNING',
-                   log_path=os.path.join(directory, 'daemon.log'))
+                   log_path='STDOUT')
     config = gocept.amqprun.testing.write_config(
         directory, ZCML, gocept.amqprun.testing.CONFIG_TEMPLATE, mapping)
     env = dict(os.environ, **names.environment())

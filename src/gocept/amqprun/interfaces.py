@@ -294,4 +294,3 @@ class BrokerUnreachable(FatalError):
 
 class AccessRefused(FatalError):
     """The broker refused the credentials or the virtual host."""
-

@@ -144,6 +144,7 @@ def install_signal_handlers():
     """SIGTERM/SIGINT stop cleanly; SIGUSR1 stops with exit status 1."""
     if threading.current_thread() is not threading.main_thread():
         return  # e.g. main() run in a thread by tests
+
     def stop(signum, frame):
         request_stop(0, 'Received signal %s, terminating.' % signum)
 
@@ -192,4 +193,7 @@ def shut_down(conf, pool, server, io_thread):
 
 
 if __name__ == '__main__':
-    main()
+    # Run the imported module, not this ``__main__`` copy of it: other
+    # modules (readfiles) call request_stop() on gocept.amqprun.main.
+    import gocept.amqprun.main
+    gocept.amqprun.main.main()

@@ -184,5 +184,5 @@ def main(argv=None):
     sys.exit(run(sys.argv[1:] if argv is None else argv))
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # pragma: no cover (runs in a subprocess)
     main()

@@ -12,17 +12,17 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 
 import pytest
 
+import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
 
 
 CHECKOUT = os.path.abspath(os.path.join(
     os.path.dirname(__file__), '..', '..', '..', '..', '..'))
-BUILDOUT = os.path.join(os.path.dirname(sys.executable), 'buildout')
+BUILDOUT = gocept.amqprun.testing.script('buildout')
 COPIED = ['setup.py', 'README.rst', 'CHANGES.rst', 'tox.ini', 'buildout.cfg',
           'src', 'examples']
 

@@ -3,11 +3,13 @@ import io
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import gocept.amqprun.send
 import gocept.amqprun.testing
+from gocept.amqprun.testing import wait_for
 
 
 SCRIPT = gocept.amqprun.testing.script('amqprun-send')
@@ -85,9 +87,15 @@ def test_body_from_a_file(send_in_process, config, amqp_client, tmp_path):
     body = tmp_path / 'body.bin'
     body.write_bytes(bytes(range(256)) * 100)
     amqp_client.expect_message_on('test.send.file')
-    result = send_in_process(config, 'test.send.file', '--file', str(body))
+    result = send_in_process(config, 'test.send.file', '--file', str(body),
+                             '-H', 'X-Filename=body.bin',
+                             '-t', 'application/octet-stream')
     assert result.returncode == 0, result.stderr
-    assert amqp_client.wait_for_message().body == body.read_bytes()
+    message = amqp_client.wait_for_message()
+    assert message.body == body.read_bytes()
+    assert message.headers == {'X-Filename': 'body.bin'}
+    assert message.properties['content_type'] == 'application/octet-stream'
+    assert result.stdout == message.properties['message_id'] + '\n'
 
 
 def test_empty_body(send_in_process, config, amqp_client):
@@ -125,6 +133,34 @@ def test_unreachable_broker_is_one_line_and_status_1(
     assert 'Cannot connect to the AMQP broker at %s:%s' % (
         amqp_broker.hostname, port) in line
     assert result.stdout == ''
+
+
+def test_broker_that_does_not_answer_in_time_is_status_1(
+        send_in_process, amqp_config):
+    with socket.socket() as silent:  # accepts connections, never speaks
+        silent.bind(('127.0.0.1', 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        config = amqp_config(gocept.amqprun.testing.site_zcml(),
+                             amqp_port=port, amqp_extra='connect_timeout 5')
+        result = send_in_process(config, 'test.send', '--timeout', '0.5',
+                                 input=b'x')
+    assert result.returncode == 1
+    assert one_line(result) == (
+        'amqprun-send: No connection to the AMQP broker at 127.0.0.1:%s '
+        'within 0.5 s' % port)
+    wait_for(lambda: not [thread for thread in threading.enumerate()
+                          if thread.name == 'amqprun-io'], 10,
+             message='The I/O thread of amqprun-send did not stop')
+
+
+def test_publish_the_broker_refuses_is_status_1(send_in_process, config):
+    result = send_in_process(config, 'test.send', '-e', 'no.such.exchange',
+                             input=b'x')
+    assert result.returncode == 1
+    line = one_line(result)
+    assert 'did not take the message' in line
+    assert 'no.such.exchange' in line
 
 
 def test_refused_credentials_are_one_line_and_status_1(
