@@ -1,10 +1,15 @@
-"""Parameters and the AMQP connection: connect, declare, bind, consume.
+"""Parameters and the AMQP connection: connect, declare, bind, publish,
+and what a broken connection means.
 
 Runs on: the I/O thread (``Parameters`` is a value usable anywhere). Together
-with ``server.py`` the only module that talks to the AMQP client library.
+with ``server.py`` the only module that talks to the AMQP client library:
+``OpChannel`` is the face of a channel that channel ops see, ``Loss``
+classifies why a connection ended.
 """
 import logging
+import re
 import socket
+import struct
 
 import amqp
 import amqp.exceptions
@@ -174,3 +179,91 @@ def check_unique_queues(named_handlers):
                 'Queue %r is bound to two handlers: %r and %r' % (
                     handler.queue_name, seen[handler.queue_name], name))
         seen[handler.queue_name] = name
+
+
+class OpChannel:
+    """The face of an AMQP channel that channel ops see."""
+
+    def __init__(self, channel):
+        self._channel = channel
+
+    def basic_ack(self, delivery_tag):
+        """Acknowledge a delivery (transactional)."""
+        self._channel.basic_ack(delivery_tag)
+
+    def basic_reject(self, delivery_tag, requeue):
+        """Reject a delivery (transactional)."""
+        self._channel.basic_reject(delivery_tag, requeue)
+
+    def publish(self, message):
+        """Publish a :class:`gocept.amqprun.message.Message`.
+
+        Raises ``CommitFailed`` for a message that cannot be put on the wire
+        (a header value AMQP has no type for, a routing key longer than 255
+        bytes): py-amqp encodes a frame completely before writing it, so the
+        connection is intact and only this op fails.
+        """
+        body = message.body if message.body is not None else b''
+        try:
+            self._channel.basic_publish(
+                amqp.Message(body, **message.header.properties()),
+                exchange=message.exchange,
+                routing_key=message.routing_key or '')
+        except UNSENDABLE as e:
+            raise gocept.amqprun.interfaces.CommitFailed(
+                'Cannot publish %r: %s' % (message, describe(e))) from e
+
+
+#: What py-amqp raises while encoding a message it cannot send. (Its
+#: FrameSyntaxError is a connection error class, but raised before any byte
+#: of the frame is written.)
+UNSENDABLE = (amqp.exceptions.FrameSyntaxError, struct.error, TypeError,
+              ValueError, OverflowError)
+
+#: RabbitMQ's reply text when it closes a channel because a delivery stayed
+#: unacknowledged longer than ``consumer_timeout``, see
+#: https://www.rabbitmq.com/consumers.html#acknowledgement-timeout
+ACK_TIMEOUT_TEXT = re.compile(r'acknowledgement.*timed out', re.I | re.S)
+ACK_TIMEOUT_VALUE = re.compile(r'(\d+) ms')
+
+
+class Loss:
+    """Why and when the connection of one generation was lost."""
+
+    def __init__(self, error, at, ack_timeout=None):
+        self.error = error
+        self.at = at
+        #: Seconds of the broker's consumer_timeout when it closed the
+        #: channel for it (0 when it did not say), else None.
+        self.ack_timeout = ack_timeout
+
+    @classmethod
+    def of(cls, error, at):
+        """Classify a connection error."""
+        ack_timeout = None
+        if isinstance(error, amqp.exceptions.PreconditionFailed):
+            text = str(error)
+            if ACK_TIMEOUT_TEXT.search(text):
+                value = ACK_TIMEOUT_VALUE.search(text)
+                ack_timeout = int(value.group(1)) / 1000.0 if value else 0
+        return cls(error, at, ack_timeout)
+
+    def error_for(self, delivery):
+        """The error of an op on a ``delivery`` of the lost connection."""
+        # 10 % slack: we saw the delivery a little after the broker sent it.
+        if (self.ack_timeout is not None and delivery is not None
+                and self.at - delivery.received >= 0.9 * self.ack_timeout):
+            return gocept.amqprun.interfaces.AckTimedOut(
+                '%r was not acknowledged within the broker\'s '
+                'consumer_timeout (%.1f s); the broker redelivers it' % (
+                    delivery, self.ack_timeout))
+        return gocept.amqprun.interfaces.ConnectionLost(
+            'The channel of %r is gone (%s); the broker redelivers it' % (
+                delivery, describe(self.error)))
+
+
+def describe(error):
+    """One line describing a connection error."""
+    text = str(error) or error.__class__.__name__
+    return '%s: %s' % (error.__class__.__name__, text) \
+        if error.__class__.__name__ not in text else text

@@ -128,7 +128,7 @@ def send(parameters, message, timeout):
             transaction.abort()
             raise SendFailed('The broker at %s did not take the message: %s'
                              % (parameters.address,
-                                gocept.amqprun.server.describe(e))) from e
+                                gocept.amqprun.connection.describe(e))) from e
     finally:
         server.stop()
         thread.join(timeout)

@@ -31,7 +31,7 @@ from gocept.amqprun.interfaces import ISender
 from gocept.amqprun.interfaces import RecoverableError
 from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
-from gocept.amqprun.server import OpChannel
+from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.server import Server
 from gocept.amqprun.server import Task
 from gocept.amqprun.server import describe
