@@ -243,8 +243,11 @@ class ReplyCounter:
             self.cpu_first = cpu_seconds(self.pid)
         self.count += 1
 
-    def wait_for(self, count, daemon):
-        """Count until ``count`` replies arrived; fail when stuck."""
+    def wait_for(self, count, daemon, on_first_reply=None):
+        """Count until ``count`` replies arrived; fail when stuck.
+
+        ``on_first_reply()`` is called once, soon after the first reply.
+        """
         seen, progressed = 0, time.monotonic()
         while self.count < count:
             try:
@@ -254,6 +257,9 @@ class ReplyCounter:
             now = time.monotonic()
             if self.count != seen:
                 seen, progressed = self.count, now
+                if on_first_reply is not None:
+                    on_first_reply()
+                    on_first_reply = None
                 continue
             if daemon.process.poll() is not None:
                 raise BenchmarkFailed(
@@ -302,10 +308,14 @@ def run_daemon(broker, virtual_host, names, count, workers, directory,
             counter.pid = daemon.process.pid
             progress('daemon pid %d, %d worker(s)' % (
                 daemon.process.pid, workers))
-            if profile:
+
+            def start_profiling():
+                # Only now: the profile shows handling, not start-up.
+                nonlocal profiler
                 profiler = start_profiler(
                     daemon.process.pid, workers, profile)
-            counter.wait_for(count, daemon)
+            counter.wait_for(count, daemon,
+                             start_profiling if profile else None)
             result = counter.result()
             daemon.signal(signal.SIGTERM)
             status = daemon.wait(60)
@@ -332,10 +342,10 @@ def start_profiler(pid, workers, directory):
     # --idle: waiting threads too, so each thread's samples show where its
     # wall-clock time goes (py-spy's on-CPU guess counts lock waits anyway);
     # raw: collapsed stacks, one line per stack with its sample count.
+    # Not --nonblocking: reading a running process lost most samples here.
     return subprocess.Popen(
         ['py-spy', 'record', '--pid', str(pid), '--threads', '--idle',
-         '--rate', '250', '--format', 'raw', '--output', path,
-         '--nonblocking'],
+         '--rate', '200', '--format', 'raw', '--output', path],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
