@@ -26,7 +26,7 @@ class Handler:
     """Binds ``handler_function`` to one queue and its routing key(s)."""
 
     def __init__(self, queue_name, routing_key, handler_function,
-                 arguments=None, principal=None):
+                 arguments=None, principal=None, retry_policy=None):
         if not callable(handler_function):
             raise TypeError('handler_function not callable')
         self.queue_name = queue_name
@@ -34,6 +34,7 @@ class Handler:
         self.handler_function = handler_function
         self.arguments = arguments
         self.principal = principal
+        self.retry_policy = retry_policy
 
     def __repr__(self):
         return '<Handler %s for %r on %r>' % (
@@ -50,11 +51,13 @@ class Handler:
         return self.handler_function(message) or []
 
 
-def declare(queue_name, routing_key, arguments=None, principal=None):
+def declare(queue_name, routing_key, arguments=None, principal=None,
+            retry_policy=None):
     """Decorator: turn a function into a :class:`Handler` for the queue."""
     def decorator(handler_function):
         return Handler(queue_name, routing_key, handler_function,
-                       arguments=arguments, principal=principal)
+                       arguments=arguments, principal=principal,
+                       retry_policy=retry_policy)
     return decorator
 
 
@@ -81,6 +84,7 @@ class ErrorHandlingHandler:
     routing_key = NotImplemented
     arguments = None
     principal = None
+    retry_policy = None
     error_routing_key = NotImplemented
     #: Exception class (or tuple) that is re-raised unchanged.
     error_reraise = None

@@ -36,6 +36,9 @@ class IHandler(zope.interface.Interface):
         'or None.')
     settings = zope.interface.Attribute(
         'The ISettings utility, or None when none is registered.')
+    retry_policy = zope.interface.Attribute(
+        'A gocept.amqprun.worker.RetryPolicy for this handler\'s failed '
+        'messages, or None for the server\'s policy.')
 
     def __call__(message):
         """Handle one received :class:`IMessage`.

@@ -17,6 +17,7 @@ from gocept.amqprun.tests.unit.fakes import FakeSession
 from gocept.amqprun.tests.unit.fakes import RecordingDataManager
 from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import received_message
+from gocept.amqprun.worker import RetryPolicy
 
 
 def function(message):
@@ -301,3 +302,12 @@ def test_error_handling_handler_settings(registry):
     settings = gocept.amqprun.settings.Settings()
     zope.component.provideUtility(settings, ISettings)
     assert Recorder().settings is settings
+
+
+def test_decorator_supports_a_retry_policy_of_the_handler():
+    policy = RetryPolicy(delay=5)
+
+    @declare('queue', 'routing', retry_policy=policy)
+    def handler(message):
+        pass
+    assert handler.retry_policy is policy
