@@ -101,7 +101,6 @@ class Server:
         self._consumer_tags = []
         self._handlers = {}
         self._local = threading.local()
-        self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -157,9 +156,6 @@ class Server:
         return session
 
     def _wake(self):
-        if self._wake_pending:
-            return  # the loop wakes up anyway and looks at every op
-        self._wake_pending = True
         try:
             os.write(self._wake_w, b'!')
         except BlockingIOError:
@@ -341,8 +337,7 @@ class Server:
         return timeout
 
     def _drain_wake_pipe(self):
-        # Cleared before reading: a wake-up after this point writes again.
-        self._wake_pending = False
+        # One read is enough: bytes left over only cause one more pass.
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:

@@ -155,6 +155,13 @@ def test_submit_queues_the_op_and_wakes_the_loop(unconnected):
     assert select.select([unconnected._wake_r], [], [], 0)[0] == []
 
 
+def test_every_submit_after_a_drain_wakes_the_loop_again(unconnected):
+    for _ in range(3):
+        unconnected.submit(Commit(None, []))
+        assert select.select([unconnected._wake_r], [], [], 0)[0]
+        unconnected._drain_wake_pipe()
+
+
 def test_wake_survives_a_full_pipe(unconnected):
     for _ in range(100000 // 4096 + 50):
         unconnected._wake()
