@@ -166,7 +166,7 @@ class Worker(threading.Thread):
             with self.server.handling(session), \
                     gocept.amqprun.security.interaction(handler.principal):
                 error = self._run_transaction(session, message, handler)
-        except Exception as e:  # pragma: no cover (defensive: keep going)
+        except Exception as e:  # e.g. a resource whose abort fails
             log.error('Unhandled exception, prevent thread from crashing',
                       exc_info=True)
             error = e
@@ -194,11 +194,8 @@ class Worker(threading.Thread):
             return False
         error_text = (self.pool.failures.last_error(message)
                       or 'failed %d times' % attempts)
-        if self._dead_letter(message, policy, error_text):
-            return True
-        self.pool.record('retried')
-        self.server.submit(gocept.amqprun.channelops.Reject(
-            message.delivery, delay=policy.delay, now=time.time()))
+        if not self._dead_letter(message, policy, error_text):
+            self._requeue(message, policy)
         return True
 
     def _policy(self, handler):
@@ -272,10 +269,14 @@ class Worker(threading.Thread):
         if policy.gives_up(attempts) and self._dead_letter(
                 message, policy, error_text):
             return
-        self.pool.record('retried')
         log.warning('Message %s (%s) failed %d time(s); returning it to the '
                     'broker in %.1f s', message.header.message_id,
                     message.routing_key, attempts, policy.delay)
+        self._requeue(message, policy)
+
+    def _requeue(self, message, policy):
+        """Return the message to the broker after the policy's delay."""
+        self.pool.record('retried')
         self.server.submit(gocept.amqprun.channelops.Reject(
             message.delivery, delay=policy.delay, now=time.time()))
 
