@@ -454,12 +454,7 @@ class Server:
         """
         loss = self._record_loss(error)
         if not committing:
-            for op in ops:
-                if op.delivery is None:
-                    op.unclaim()
-                    self._ops.append(op)
-                else:
-                    op.resolve(loss.error_for(op.delivery))
+            self._give_up_unexecuted(ops)
             return
         in_doubt = gocept.amqprun.interfaces.CommitInDoubt(
             'The connection was lost during the AMQP commit (%s); outcome '
