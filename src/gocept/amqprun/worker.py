@@ -53,12 +53,12 @@ class RetryPolicy:
         return bool(self.max_attempts and self.dead_letter_routing_key
                     and attempts >= self.max_attempts)
 
-    def dead_letter(self, message, error):
+    def dead_letter(self, message, error, attempts):
         """Return the copy of ``message`` for the dead-letter destination."""
         headers = dict(message.header.headers or {})
         headers.update({
             'x-amqprun-error': error,
-            'x-amqprun-attempts': self.max_attempts,
+            'x-amqprun-attempts': attempts,
             'x-amqprun-routing-key': message.routing_key or '',
             'x-amqprun-exchange': message.exchange or '',
         })
@@ -194,7 +194,7 @@ class Worker(threading.Thread):
             return False
         error_text = (self.pool.failures.last_error(message)
                       or 'failed %d times' % attempts)
-        if not self._dead_letter(message, policy, error_text):
+        if not self._dead_letter(message, policy, error_text, attempts):
             self._requeue(message, policy)
         return True
 
@@ -267,7 +267,7 @@ class Worker(threading.Thread):
             return
         attempts = self.pool.failures.record(message, error_text)
         if policy.gives_up(attempts) and self._dead_letter(
-                message, policy, error_text):
+                message, policy, error_text, attempts):
             return
         log.warning('Message %s (%s) failed %d time(s); returning it to the '
                     'broker in %.1f s', message.header.message_id,
@@ -280,10 +280,11 @@ class Worker(threading.Thread):
         self.server.submit(gocept.amqprun.channelops.Reject(
             message.delivery, delay=policy.delay, now=time.time()))
 
-    def _dead_letter(self, message, policy, error_text):
+    def _dead_letter(self, message, policy, error_text, attempts):
         """Ack the message and publish it to the dead-letter destination."""
         op = gocept.amqprun.channelops.Commit(
-            message.delivery, [policy.dead_letter(message, error_text)])
+            message.delivery,
+            [policy.dead_letter(message, error_text, attempts)])
         self.server.submit(op)
         try:
             op.wait(60)
@@ -295,7 +296,7 @@ class Worker(threading.Thread):
         self.pool.failures.forget(message)
         log.error("Message %s (%s) failed %d times; sent it to '%s'",
                   message.header.message_id, message.routing_key,
-                  policy.max_attempts, policy.dead_letter_routing_key)
+                  attempts, policy.dead_letter_routing_key)
         return True
 
 
