@@ -36,6 +36,18 @@ def close_quietly(connection):
         connection.collect()
 
 
+def declare_queue(broker, virtual_host, queue, routing_key):
+    """Declare and bind a handler's queue as the daemon will, so that
+    messages published before the daemon starts wait for it."""
+    connection = connect(broker, virtual_host)
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, auto_delete=False)
+        channel.queue_bind(queue, 'amq.topic', routing_key)
+    finally:
+        connection.close()
+
+
 def publish(broker, virtual_host, bodies, routing_key, headers=None):
     """Publish persistent messages to ``amq.topic`` on a fresh connection.
 

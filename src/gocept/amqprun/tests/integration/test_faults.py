@@ -27,6 +27,7 @@ from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
 from gocept.amqprun.tests.integration.faults_proxy import FaultProxy
 from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import connect
+from gocept.amqprun.tests.integration.faults_tally import declare_queue
 from gocept.amqprun.tests.integration.faults_tally import numbered
 from gocept.amqprun.tests.integration.faults_tally import publish
 
@@ -335,15 +336,36 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
 
 # -- 5. SIGTERM under load ---------------------------------------------------
 
-def test_sigterm_under_load_exits_0_and_nothing_is_lost_or_doubled(
-        amqp_broker, amqp_vhost, tmp_path, replies, processes):
+def start_under_load(amqp_broker, amqp_vhost, tmp_path, replies,
+                     processes):
+    """3000 numbered messages, a daemon that has handled 500 of them.
+
+    Returns (config, numbers, daemon process).
+    """
     config = write_config(
         str(tmp_path), amqp_broker, amqp_vhost, 'numbers', workers=4,
         settings=['faults.sleep 0.002'])
     bodies = numbered(3000)
+    declare_queue(amqp_broker, amqp_vhost, 'faults.numbers', 'faults.number')
     publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
     first = processes(config)
     replies.wait_for_count(500, timeout=30)
+    return config, bodies, first
+
+
+def restart_and_wait_for_all(config, bodies, replies, processes):
+    """Run the daemon again until every number was answered; stop it."""
+    second = processes(config)
+    replies.wait_for(bodies, timeout=60)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0, second.output
+    replies.drain(0.5)
+
+
+def test_sigterm_under_load_exits_0_and_nothing_is_lost_or_doubled(
+        amqp_broker, amqp_vhost, tmp_path, replies, processes):
+    config, bodies, first = start_under_load(
+        amqp_broker, amqp_vhost, tmp_path, replies, processes)
     first.signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert first.wait(30) == 0, first.output
@@ -351,11 +373,7 @@ def test_sigterm_under_load_exits_0_and_nothing_is_lost_or_doubled(
     assert stopped_in < 5, 'SIGTERM took %.1f s' % stopped_in
     handled_before = len(replies.copies)
     assert handled_before < len(bodies)
-    second = processes(config)
-    replies.wait_for(bodies, timeout=60)
-    second.signal(signal.SIGTERM)
-    assert second.wait(30) == 0, second.output
-    replies.drain(0.5)
+    restart_and_wait_for_all(config, bodies, replies, processes)
     report('sigterm', *replies.check(bodies))
     assert not log_lines(config, 'ERROR')
     assert not log_lines(config, 'CRITICAL')
@@ -365,21 +383,12 @@ def test_sigterm_under_load_exits_0_and_nothing_is_lost_or_doubled(
 
 def test_kill_9_under_load_and_restart_loses_nothing(
         amqp_broker, amqp_vhost, tmp_path, replies, processes):
-    config = write_config(
-        str(tmp_path), amqp_broker, amqp_vhost, 'numbers', workers=4,
-        settings=['faults.sleep 0.002'])
-    bodies = numbered(3000)
-    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
-    first = processes(config)
-    replies.wait_for_count(500, timeout=30)
+    config, bodies, first = start_under_load(
+        amqp_broker, amqp_vhost, tmp_path, replies, processes)
     first.signal(signal.SIGKILL)
     assert first.wait(10) == -signal.SIGKILL
     assert len(replies.copies) < len(bodies)
-    second = processes(config)
-    replies.wait_for(bodies, timeout=60)
-    second.signal(signal.SIGTERM)
-    assert second.wait(30) == 0, second.output
-    replies.drain(0.5)
+    restart_and_wait_for_all(config, bodies, replies, processes)
     report('kill -9', *replies.check(bodies))
 
 
