@@ -24,11 +24,7 @@ PROPERTY_NAMES = (
     'correlation_id', 'reply_to', 'expiration', 'message_id', 'timestamp',
     'type', 'user_id', 'app_id', 'cluster_id')
 
-# Per-message helpers below look names up in these instead of looping over
-# PROPERTY_NAMES with getattr/setattr: they run twice for every handled
-# message (delivery in, reply out).
 _PROPERTY_SET = frozenset(PROPERTY_NAMES)
-_NO_PROPERTIES = dict.fromkeys(PROPERTY_NAMES)
 _HEADER_KEYS = ('headers', 'application_headers')
 
 _FQDN = None
@@ -56,9 +52,8 @@ class Header:
         if unknown:
             raise TypeError(
                 'Unknown message properties: %s' % ', '.join(unknown))
-        attributes = self.__dict__
-        attributes.update(_NO_PROPERTIES)
-        attributes.update(properties)
+        for name in PROPERTY_NAMES:
+            setattr(self, name, properties.get(name))
         self.headers = headers
 
     @property
@@ -71,9 +66,8 @@ class Header:
 
     def properties(self):
         """Return the set properties as the dict the AMQP client expects."""
-        attributes = self.__dict__
-        result = {name: attributes[name] for name in PROPERTY_NAMES
-                  if attributes[name] is not None}
+        result = {name: getattr(self, name) for name in PROPERTY_NAMES
+                  if getattr(self, name) is not None}
         if self.timestamp is not None:
             result['timestamp'] = int(self.timestamp)
         if self.headers:

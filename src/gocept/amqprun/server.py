@@ -65,10 +65,6 @@ class Task:
         self.handler = handler
         self.handler_name = handler_name
 
-    def __iter__(self):
-        # (session-less) tuple unpacking: ``message, handler = task``
-        return iter((self.message, self.handler))
-
 
 @zope.interface.implementer(gocept.amqprun.interfaces.ILoop,
                             gocept.amqprun.interfaces.ISender)
@@ -99,7 +95,6 @@ class Server:
         self._channel = None
         self._send_channel = None
         self._consumer_tags = []
-        self._handlers = {}
         self._local = threading.local()
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):

@@ -156,10 +156,11 @@ class Worker(threading.Thread):
         if self._used_up(message, handler):
             return
         session = gocept.amqprun.session.Session(self.server, message)
-        log.debug("Processing message %s %s (%s) with '%s'",
-                  message.delivery_tag, message.header.message_id,
-                  message.routing_key, task.handler_name)
-        log.debug('Body: %r', (message.body or b'')[:BODY_PREVIEW])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Processing message %s %s (%s) with '%s'; body %r",
+                      message.delivery_tag, message.header.message_id,
+                      message.routing_key, task.handler_name,
+                      (message.body or b'')[:BODY_PREVIEW])
         started = time.monotonic()
         error = None
         try:

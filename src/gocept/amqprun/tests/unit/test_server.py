@@ -33,7 +33,6 @@ from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
 from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.server import Server
-from gocept.amqprun.server import Task
 from gocept.amqprun.server import describe
 from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeAMQPMessage
@@ -228,13 +227,6 @@ def test_stop_sets_the_flag_and_wakes_the_loop(unconnected):
     unconnected.stop()
     assert unconnected._should_stop
     assert select.select([unconnected._wake_r], [], [], 0)[0]
-
-
-def test_task_unpacks_into_message_and_handler():
-    message = received_message()
-    handler = Handler('queue', 'routing', lambda m: None)
-    task_message, task_handler = Task(message, handler, 'name')
-    assert (task_message, task_handler) == (message, handler)
 
 
 # -- deliveries ---------------------------------------------------------------
