@@ -1,10 +1,11 @@
-"""Parameters and the AMQP connection: connect, declare, bind, publish,
+"""Parameters and the AMQP connection: connect, open channels, publish,
 and what a broken connection means.
 
 Runs on: the I/O thread (``Parameters`` is a value usable anywhere). Together
 with ``server.py`` the only module that talks to the AMQP client library:
 ``OpChannel`` is the face of a channel that channel ops see, ``Loss``
-classifies why a connection ended.
+classifies why a connection ended, ``ConnectionHistory`` remembers the
+losses of the last connections.
 """
 import logging
 import re
@@ -29,8 +30,14 @@ CONNECTION_ERRORS = (
     amqp.exceptions.IrrecoverableConnectionError,
 )
 
-#: Broker answers that no retry can fix.
+#: Broker answers to a login that no retry can fix.
 REFUSALS = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
+
+#: Broker answers to a declare or bind that mean the configuration does
+#: not fit the broker (the channel is closed, the connection is intact).
+CONFIGURATION_REFUSALS = (
+    amqp.exceptions.PreconditionFailed, amqp.exceptions.NotFound,
+    amqp.exceptions.AccessRefused)
 
 #: The heartbeat we ask for when ``heartbeat_interval`` is 0. py-amqp turns
 #: heartbeats off for 0, but 0 means "take the broker's proposal" here (as
@@ -149,38 +156,6 @@ def open_channel(connection):
     return channel
 
 
-def routing_keys(handler):
-    """Return the routing keys of ``handler`` as a list."""
-    keys = handler.routing_key
-    if isinstance(keys, (list, tuple)):
-        return list(keys)
-    return [keys]
-
-
-def declare_queue(channel, handler, name):
-    """Declare the handler's durable queue and bind it to ``amq.topic``."""
-    keys = routing_keys(handler)
-    log.info("Handling routing key(s) '%s' on queue '%s' via '%s'",
-             ', '.join(keys), handler.queue_name, name)
-    channel.queue_declare(
-        queue=handler.queue_name, durable=True, exclusive=False,
-        auto_delete=False, arguments=dict(handler.arguments or {}))
-    for key in keys:
-        channel.queue_bind(
-            queue=handler.queue_name, exchange='amq.topic', routing_key=key)
-
-
-def check_unique_queues(named_handlers):
-    """Raise ConfigurationError when two handlers share a queue."""
-    seen = {}
-    for name, handler in named_handlers:
-        if handler.queue_name in seen:
-            raise gocept.amqprun.interfaces.ConfigurationError(
-                'Queue %r is bound to two handlers: %r and %r' % (
-                    handler.queue_name, seen[handler.queue_name], name))
-        seen[handler.queue_name] = name
-
-
 class OpChannel:
     """The face of an AMQP channel that channel ops see."""
 
@@ -267,3 +242,54 @@ def describe(error):
     text = str(error) or error.__class__.__name__
     return '%s: %s' % (error.__class__.__name__, text) \
         if error.__class__.__name__ not in text else text
+
+
+class ConnectionHistory:
+    """The generation of the current connection and why the last few
+    ended.
+
+    Every (re)connect starts a new generation; a delivery remembers the
+    generation it arrived in, so its tag is never used on a later
+    connection.
+    """
+
+    #: How many lost generations are remembered.
+    keep = 10
+
+    def __init__(self):
+        self.generation = 0
+        self._losses = {}
+
+    def connected(self):
+        """Start the next generation; return its number."""
+        self.generation += 1
+        return self.generation
+
+    def lose(self, error, at):
+        """Record why the current connection ended (the first reason
+        wins); return its :class:`Loss`."""
+        loss = self._losses.get(self.generation)
+        if loss is None:
+            loss = self._losses[self.generation] = Loss.of(error, at)
+            for generation in list(self._losses):
+                if generation < self.generation - self.keep:
+                    del self._losses[generation]
+        return loss
+
+    def is_current(self, delivery):
+        """True when ``delivery`` arrived on the current connection."""
+        return delivery.generation == self.generation
+
+    def stale_error(self, delivery):
+        """The error for an op on a delivery of a lost connection."""
+        loss = self._losses.get(delivery.generation)
+        if loss is None:
+            return gocept.amqprun.interfaces.ConnectionLost(
+                'The channel of %r is gone; the broker redelivers it'
+                % delivery)
+        return loss.error_for(delivery)
+
+
+def is_channel_error(error):
+    """True when the broker closed a channel (the connection may live)."""
+    return isinstance(error, amqp.exceptions.ChannelError)

@@ -88,6 +88,8 @@ class ErrorHandlingHandler:
     error_routing_key = NotImplemented
     #: Exception class (or tuple) that is re-raised unchanged.
     error_reraise = None
+    #: The error ``run()`` raised and that was reported, else None.
+    error = None
 
     def __init__(self, message=None):
         self.message = message
@@ -111,7 +113,8 @@ class ErrorHandlingHandler:
             self.run()
         except self.error_reraise or ():
             raise
-        except Exception:
+        except Exception as e:
+            self.error = e
             transaction.abort()
             self.message.acknowledge()
             log.warning("Processing message %s caused an error. Sending '%s'",

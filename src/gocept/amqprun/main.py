@@ -22,28 +22,17 @@ import zope.event
 import gocept.amqprun.config
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
+import gocept.amqprun.process
+import gocept.amqprun.retry
 import gocept.amqprun.security
 import gocept.amqprun.server
 import gocept.amqprun.settings
+import gocept.amqprun.summary
+import gocept.amqprun.topology
 import gocept.amqprun.worker
 
 
 log = logging.getLogger(__name__)
-
-#: The running server (for tests), None when no ``main()`` runs.
-main_server = None
-
-_stop_requested = threading.Event()
-_exit_status = 0
-
-
-def request_stop(exit_status=0, reason=None):
-    """Ask the running ``main()`` to shut down; callable from any thread."""
-    global _exit_status
-    if reason:
-        log.info('%s', reason)
-    _exit_status = max(_exit_status, exit_status)
-    _stop_requested.set()
 
 
 def main(config_file=None):
@@ -66,9 +55,7 @@ def parse_arguments(argv):
 
 def run(config_file):
     """Boot, serve until stopped; return the exit status."""
-    global main_server, _exit_status
-    _stop_requested.clear()
-    _exit_status = 0
+    gocept.amqprun.process.reset()
     try:
         conf = gocept.amqprun.config.load(config_file)
     except gocept.amqprun.interfaces.ConfigurationError as e:
@@ -85,11 +72,15 @@ def run(config_file):
     except Exception as e:
         log.critical('%s', describe_configuration_error(e, conf))
         return 1
-    main_server = server
+    gocept.amqprun.process.server = server
+    tally = gocept.amqprun.summary.MessageTally()
+    tally.subscribe()
     try:
         return serve(conf, pool, server)
     finally:
-        main_server = None
+        tally.unsubscribe()
+        log.info('Messages: %s', tally.summary())
+        gocept.amqprun.process.server = None
         log.info('Exiting')
 
 
@@ -111,7 +102,7 @@ def configure(conf):
     zope.configuration.xmlconfig.file(conf.worker.component_configuration)
     handlers = list(zope.component.getUtilitiesFor(
         gocept.amqprun.interfaces.IHandler))
-    gocept.amqprun.connection.check_unique_queues(handlers)
+    gocept.amqprun.topology.check_unique_queues(handlers)
     gocept.amqprun.security.check_principals(handlers)
     amount = conf.worker.amount
     parameters = gocept.amqprun.connection.Parameters.from_section(
@@ -121,7 +112,7 @@ def configure(conf):
         parameters, setup_handlers=amount > 0)
     zope.component.provideUtility(
         server, gocept.amqprun.interfaces.ISender)
-    policy = gocept.amqprun.worker.RetryPolicy(
+    policy = gocept.amqprun.retry.RetryPolicy(
         delay=conf.worker.retry_delay,
         max_attempts=conf.worker.max_attempts,
         dead_letter_routing_key=conf.worker.dead_letter_routing_key,
@@ -146,11 +137,12 @@ def install_signal_handlers():
         return  # e.g. main() run in a thread by tests
 
     def stop(signum, frame):
-        request_stop(0, 'Received signal %s, terminating.' % signum)
+        gocept.amqprun.process.request_stop(
+            0, 'Received signal %s, terminating.' % signum)
 
     def stop_on_error(signum, frame):
-        request_stop(1, 'Received signal %s, terminating with an error.'
-                     % signum)
+        gocept.amqprun.process.request_stop(
+            1, 'Received signal %s, terminating with an error.' % signum)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGUSR1, stop_on_error)
@@ -164,11 +156,12 @@ def serve(conf, pool, server):
         target=server.start, name='amqprun-io', daemon=True)
     io_thread.start()
     while not server.wait_until_running(0.2):
-        if not io_thread.is_alive() or _stop_requested.is_set():
+        if (not io_thread.is_alive()
+                or gocept.amqprun.process.wait_for_stop_request(0)):
             return shut_down(conf, pool, server, io_thread)
     zope.event.notify(gocept.amqprun.interfaces.ProcessStarted())
     log.info('Process started: %d worker(s).', pool.amount)
-    while not _stop_requested.wait(0.5):
+    while not gocept.amqprun.process.wait_for_stop_request(0.5):
         if not io_thread.is_alive():
             break
     return shut_down(conf, pool, server, io_thread)
@@ -184,16 +177,14 @@ def shut_down(conf, pool, server, io_thread):
         log.warning('%d handler(s) did not finish within %s s; their '
                     'messages go back to the broker', len(survivors),
                     conf.worker.shutdown_timeout)
+    zope.event.notify(
+        gocept.amqprun.interfaces.WorkersStopped(len(survivors)))
     server.stop()
     io_thread.join(30)
-    log.info('Messages: %s', pool.summary())
     if server.error is not None:
         return 1
-    return _exit_status
+    return gocept.amqprun.process.exit_status()
 
 
 if __name__ == '__main__':
-    # Run the imported module, not this ``__main__`` copy of it: other
-    # modules (readfiles) call request_stop() on gocept.amqprun.main.
-    import gocept.amqprun.main
-    gocept.amqprun.main.main()
+    main()

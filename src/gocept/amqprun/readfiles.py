@@ -28,8 +28,8 @@ import zope.component
 import zope.interface
 
 import gocept.amqprun.interfaces
-import gocept.amqprun.main
 import gocept.amqprun.message
+import gocept.amqprun.process
 
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def filename_header(name):
 
 
 @zope.interface.implementer(gocept.amqprun.interfaces.ILoop)
-class MaildirReader:
+class MaildirReader(gocept.amqprun.process.LoopState):
     """Polls ``directory/new`` and sends each file to ``routing_key``.
 
     Creating it prepares the Maildir (an :class:`OSError` when that is not
@@ -97,23 +97,12 @@ class MaildirReader:
         self.routing_key = routing_key
         self.poll_interval = poll_interval
         self.thread = None
-        self._running = threading.Event()
+        super().__init__()
         self._should_stop = threading.Event()
 
     def __repr__(self):
         return '<MaildirReader %s -> %r>' % (
             self.maildir.path, self.routing_key)
-
-    @property
-    def running(self):
-        """True while the loop runs."""
-        return self._running.is_set()
-
-    def wait_until_running(self, timeout=None):
-        """Block until the loop runs (or ``timeout``); return ``running``.
-        """
-        self._running.wait(timeout)
-        return self.running
 
     def start(self):
         """Scan ``new`` every ``poll_interval`` seconds until :meth:`stop`.
@@ -134,7 +123,7 @@ class MaildirReader:
             log.error('Unhandled exception, terminating. Reading %s failed: '
                       '%s: %s', self.maildir.path, type(e).__name__, e,
                       exc_info=True)
-            gocept.amqprun.main.request_stop(
+            gocept.amqprun.process.request_stop(
                 1, 'readfiles stopped the process: reading %s failed'
                 % self.maildir.path)
         finally:

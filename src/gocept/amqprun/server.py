@@ -1,20 +1,18 @@
-"""Server, the I/O thread: deliveries in, channel ops out.
+"""Server, the I/O thread: the connection and the loop.
 
-Runs on: the I/O thread (``start``); ``send``, ``submit`` and ``stop`` may be
-called from any thread. The server owns the one AMQP connection; no other
-thread touches it. Its loop waits for socket data or a wake-up, turns each
-delivery into a task for the workers, carries out the ops workers submitted
-(committing all ops of one pass in one AMQP transaction per channel) and
-keeps heartbeats flowing. When the connection is lost it fails the pending
-ops of the lost connection with ``ConnectionLost`` (sends not yet carried
-out wait for the next connection), drops the deliveries no worker took yet,
-reconnects with capped exponential backoff, re-declares and consumes again.
+Runs on: the I/O thread (``start``); ``send``, ``submit``, ``stop`` and
+``stop_consuming`` may be called from any thread (see ``IServer``). The
+server owns the one AMQP connection; no other thread touches it. Its loop
+waits for socket data or a wake-up, turns each delivery into a task for the
+workers, has the commit queue (``commits``) carry out the ops workers
+submitted and keeps heartbeats flowing. When the connection is lost it fails
+the pending ops of the lost connection with ``ConnectionLost`` (sends not yet
+carried out wait for the next connection), drops the deliveries no worker
+took yet, reconnects with capped exponential backoff, re-declares
+(``topology``) and consumes again.
 """
-import collections
 import contextlib
 import fcntl
-import heapq
-import itertools
 import logging
 import os
 import queue
@@ -28,10 +26,13 @@ import amqp.exceptions
 import zope.component
 import zope.interface
 
+import gocept.amqprun.commits
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
+import gocept.amqprun.process
 import gocept.amqprun.session
+import gocept.amqprun.topology
 from gocept.amqprun.connection import describe
 
 
@@ -66,9 +67,8 @@ class Task:
         self.handler_name = handler_name
 
 
-@zope.interface.implementer(gocept.amqprun.interfaces.ILoop,
-                            gocept.amqprun.interfaces.ISender)
-class Server:
+@zope.interface.implementer(gocept.amqprun.interfaces.IServer)
+class Server(gocept.amqprun.process.LoopState):
     """Owns the AMQP connection; runs the I/O loop in ``start()``."""
 
     #: Seconds the loop sleeps at most between two looks at the connection.
@@ -83,15 +83,11 @@ class Server:
         self.error = None
         self.connection = None
         self.consuming = False
-        self._ops = collections.deque()
-        self._delayed = []
-        self._sequence = itertools.count()
-        self._running = threading.Event()
+        self.history = gocept.amqprun.connection.ConnectionHistory()
+        self.commits = gocept.amqprun.commits.CommitQueue(self.history)
+        super().__init__()
         self._should_stop = False
         self._stop_consuming = False
-        self._generation = 0
-        #: generation -> Loss, for the last few lost connections
-        self._losses = {}
         self._channel = None
         self._send_channel = None
         self._consumer_tags = []
@@ -102,16 +98,6 @@ class Server:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
     # -- any thread ---------------------------------------------------------
-
-    @property
-    def running(self):
-        """True while connected and serving."""
-        return self._running.is_set()
-
-    def wait_until_running(self, timeout=None):
-        """Block until the server is connected (or ``timeout``)."""
-        self._running.wait(timeout)
-        return self.running
 
     def stop(self):
         """Make ``start()`` return: it closes the connection first."""
@@ -126,7 +112,7 @@ class Server:
 
     def submit(self, op):
         """Hand an :class:`IChannelOp` to the I/O thread."""
-        self._ops.append(op)
+        self.commits.submit(op)
         self._wake()
 
     def send(self, message):
@@ -175,8 +161,9 @@ class Server:
         finally:
             self._running.clear()
             self._disconnect()
-            self._fail_pending(gocept.amqprun.interfaces.ConnectionLost(
-                'The server stopped'))
+            self.commits.fail_pending(
+                gocept.amqprun.interfaces.ConnectionLost(
+                    'The server stopped'))
             log.info('Message reader stopped.')
 
     def _run(self):
@@ -230,7 +217,7 @@ class Server:
         """
         deadline = time.monotonic() + seconds
         while not self._should_stop:
-            self._fail_pending(None, stale_only=True)
+            self.commits.fail_pending(stale_only=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -239,7 +226,7 @@ class Server:
 
     def _connect(self):
         self.connection = gocept.amqprun.connection.connect(self.parameters)
-        self._generation += 1
+        self.history.connected()
         log.info('AMQP connection to %s opened.', self.parameters.address)
         self._channel = gocept.amqprun.connection.open_channel(
             self.connection)
@@ -251,10 +238,8 @@ class Server:
     def _declare_and_consume(self):
         handlers = list(zope.component.getUtilitiesFor(
             gocept.amqprun.interfaces.IHandler))
-        gocept.amqprun.connection.check_unique_queues(handlers)
         channel = self._channel
-        for name, handler in handlers:
-            gocept.amqprun.connection.declare_queue(channel, handler, name)
+        gocept.amqprun.topology.declare(channel, handlers)
         channel.tx_commit()  # declare does not need it, but binds in tx
         if self._stop_consuming or not handlers:
             return
@@ -270,7 +255,7 @@ class Server:
                  len(handlers), self.parameters.prefetch_count)
 
     def _on_delivery_callback(self, handler, name):
-        generation = self._generation
+        generation = self.history.generation
 
         def on_delivery(amqp_message):
             self.on_delivery(amqp_message, handler, name, generation)
@@ -297,7 +282,7 @@ class Server:
         sock = self.connection.transport.sock
         while not self._should_stop:
             self._cancel_consumers_if_asked()
-            self._execute_ops()
+            self._commit_due()
             readable, _, _ = select.select(
                 [sock, self._wake_r], [], [], self._poll_timeout())
             if self._wake_r in readable:
@@ -306,7 +291,10 @@ class Server:
                 self._read_frames(sock)
             if self.connection.heartbeat:
                 self.connection.heartbeat_tick()
-        self._execute_ops()
+        self._commit_due()
+
+    def _commit_due(self):
+        self.commits.commit_due(self._channel, self._send_channel)
 
     def _read_frames(self, sock):
         # One frame per blocking_read; go on while the socket has data, so
@@ -325,11 +313,7 @@ class Server:
         heartbeat = self.connection.heartbeat
         if heartbeat:
             timeout = min(timeout, heartbeat / 4.0)
-        if self._ops:
-            return 0
-        if self._delayed:
-            timeout = min(timeout, max(0, self._delayed[0][0] - time.time()))
-        return timeout
+        return self.commits.poll_timeout(timeout)
 
     def _drain_wake_pipe(self):
         # One read is enough: bytes left over only cause one more pass.
@@ -347,164 +331,12 @@ class Server:
         self.consuming = False
         log.info('Stopped consuming.')
 
-    def _take_due_ops(self):
-        now = time.time()
-        while self._ops:
-            op = self._ops.popleft()
-            if op.not_before > now:
-                heapq.heappush(
-                    self._delayed, (op.not_before, next(self._sequence), op))
-            else:
-                yield op
-        while self._delayed and self._delayed[0][0] <= now:
-            yield heapq.heappop(self._delayed)[2]
-
-    def _execute_ops(self):
-        """Execute all due ops; commit each channel's share once."""
-        batches = {}
-        for op in self._take_due_ops():
-            if not op.claim():
-                continue  # its waiter gave up; it must not happen now
-            channel = self._channel_for(op)
-            if channel is None:
-                op.resolve(self._stale_error(op.delivery))
-                continue
-            batches.setdefault(id(channel), (channel, []))[1].append(op)
-        batches = list(batches.values())
-        for number, (channel, ops) in enumerate(batches):
-            try:
-                self._commit_batch(channel, ops)
-            except gocept.amqprun.connection.CONNECTION_ERRORS:
-                # The other channels' batches were taken from _ops already:
-                # resolve them here or their waiters hang.
-                for _, others in batches[number + 1:]:
-                    self._give_up_unexecuted(others)
-                raise
-
-    def _give_up_unexecuted(self, ops):
-        """Ops claimed but not executed when the connection failed.
-
-        Sends go back to the queue for the next connection (nothing of
-        them reached the broker); ops on deliveries fail.
-        """
-        for op in ops:
-            if op.delivery is None:
-                op.unclaim()
-                self._ops.append(op)
-            else:
-                op.resolve(self._stale_error(op.delivery))
-
-    def _channel_for(self, op):
-        if op.delivery is None:
-            return self._send_channel
-        if op.delivery.generation != self._generation:
-            return None
-        return self._channel
-
-    def _commit_batch(self, channel, ops):
-        """Execute ``ops`` and commit them in one AMQP transaction.
-
-        An op that cannot be carried out (``CommitFailed`` from its
-        ``execute``) fails alone: the transaction is rolled back and the
-        others are executed again. A connection error fails them all and
-        propagates (the caller reconnects).
-        """
-        op_channel = gocept.amqprun.connection.OpChannel(channel)
-        ops = list(ops)
-        while ops:
-            failed = error = None
-            committing = False
-            try:
-                for op in ops:
-                    try:
-                        op.execute(op_channel)
-                    except gocept.amqprun.interfaces.CommitFailed as e:
-                        failed, error = op, e
-                        break
-                if failed is None:
-                    committing = True
-                    channel.tx_commit()
-                else:
-                    channel.tx_rollback()
-            except gocept.amqprun.connection.CONNECTION_ERRORS as e:
-                self._fail_batch(ops, e, committing)
-                raise
-            if failed is None:
-                break
-            log.debug('%r failed, the others are tried again: %s',
-                      failed, error)
-            failed.resolve(error)
-            ops.remove(failed)
-        for op in ops:
-            op.resolve()
-        log.debug('Committed %d op(s) in one AMQP transaction', len(ops))
-
-    def _fail_batch(self, ops, error, committing=True):
-        """Resolve the ops of a transaction the connection failed in.
-
-        Before ``tx.commit`` was sent nothing of them can have been
-        committed: sends are kept for the next connection, the others fail
-        with the loss's error. After it the outcome is unknown
-        (``CommitInDoubt``), unless the broker said no (``CommitFailed``).
-        """
-        loss = self._record_loss(error)
-        if not committing:
-            self._give_up_unexecuted(ops)
-            return
-        in_doubt = gocept.amqprun.interfaces.CommitInDoubt(
-            'The connection was lost during the AMQP commit (%s); outcome '
-            'unknown, the broker redelivers the message unless it '
-            'committed' % describe(error))
-        if loss.ack_timeout is not None:
-            # The consumer channel was closed before our commit on it was
-            # handled (else its commit-ok would have come first); a send
-            # committed on the other channel meanwhile may have gone through.
-            for op in ops:
-                op.resolve(in_doubt if op.delivery is None
-                           else loss.error_for(op.delivery))
-            return
-        if isinstance(error, amqp.exceptions.ChannelError):
-            # The broker refused something in this transaction (e.g. a
-            # publish to a missing exchange) and closed the channel; every
-            # op of it counts as failed.
-            failure = gocept.amqprun.interfaces.CommitFailed(
-                'The broker refused the AMQP transaction: %s'
-                % describe(error))
-        else:
-            log.warning('Connection lost while committing %d op(s): the '
-                        'broker may or may not have committed them; what '
-                        'it did not commit comes back redelivered',
-                        len(ops))
-            failure = in_doubt
-        for op in ops:
-            op.resolve(failure)
-
-    def _record_loss(self, error):
-        """Remember why the current connection was lost (first reason)."""
-        loss = self._losses.get(self._generation)
-        if loss is None:
-            loss = gocept.amqprun.connection.Loss.of(error, time.monotonic())
-            self._losses[self._generation] = loss
-            for generation in list(self._losses):
-                if generation < self._generation - 10:
-                    del self._losses[generation]
-        return loss
-
-    def _stale_error(self, delivery):
-        """The error for an op on a delivery of a lost connection."""
-        loss = self._losses.get(delivery.generation)
-        if loss is None:
-            return gocept.amqprun.interfaces.ConnectionLost(
-                'The channel of %r is gone; the broker redelivers it'
-                % delivery)
-        return loss.error_for(delivery)
-
     def _lose_connection(self, error=None):
         """Log the loss, drop what belongs to the dead connection."""
         if error is None:
             error = gocept.amqprun.interfaces.ConnectionLost(
                 'The connection to the broker was lost')
-        loss = self._record_loss(error)
+        loss = self.history.lose(error, time.monotonic())
         if loss.ack_timeout is not None:
             log.warning(
                 'The broker closed the channel: a delivery was not '
@@ -523,7 +355,7 @@ class Server:
             amqp.exceptions.ChannelError,
             gocept.amqprun.interfaces.ConnectionLost)))
         self._discard_queued_tasks()
-        self._fail_pending(None, stale_only=True)
+        self.commits.fail_pending(stale_only=True)
 
     def _discard_queued_tasks(self):
         """Drop deliveries no worker took yet: their tags are dead.
@@ -548,28 +380,6 @@ class Server:
         if discarded:
             log.info('Dropped %d queued delivery(s) of the lost connection; '
                      'the broker redelivers them', discarded)
-
-    def _fail_pending(self, error, stale_only=False):
-        """Resolve pending ops with ``error`` (or their loss's error).
-
-        With ``stale_only`` sends not yet carried out stay queued for the
-        next connection: nothing of them reached the broker.
-        """
-        pending = []
-        while True:
-            try:
-                pending.append(self._ops.popleft())
-            except IndexError:
-                break
-        pending.extend(item[2] for item in self._delayed)
-        self._delayed = []
-        for op in pending:
-            if stale_only and op.delivery is None:
-                self._ops.append(op)
-            elif error is None:
-                op.resolve(self._stale_error(op.delivery))
-            else:
-                op.resolve(error)
 
     def _disconnect(self, graceful=True):
         """Forget the connection; close it (``graceful``) or drop it."""

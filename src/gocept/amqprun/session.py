@@ -27,6 +27,9 @@ class Session:
         self.messages = []
         #: True once the ack of the received message was committed.
         self.settled = False
+        #: True when the handler reported its error as a message instead
+        #: (IResponse, ErrorHandlingHandler).
+        self.error_handled = False
         self._joined = False
         if received_message is not None:
             received_message._session = self

@@ -50,6 +50,7 @@ import gocept.amqprun.config
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 import gocept.amqprun.main
+import gocept.amqprun.process
 import gocept.amqprun.rabbitmq
 import gocept.amqprun.server
 
@@ -531,7 +532,7 @@ class MainThread:
     @property
     def server(self):
         """The running :class:`gocept.amqprun.server.Server` (or None)."""
-        return gocept.amqprun.main.main_server
+        return gocept.amqprun.process.server
 
     @property
     def log(self):
@@ -548,7 +549,7 @@ class MainThread:
         configuration, an unreachable broker) and AssertionError when it is
         not up within ``timeout`` seconds.
         """
-        if gocept.amqprun.main.main_server is not None:
+        if gocept.amqprun.process.server is not None:
             raise RuntimeError('Another main() is running in this process')
         self._logging = LoggingState()
         zope.component.getGlobalSiteManager().registerHandler(
@@ -575,7 +576,7 @@ class MainThread:
         Fails when ``main()`` or one of its threads is still alive after
         ``timeout`` seconds.
         """
-        gocept.amqprun.main.request_stop(0)
+        gocept.amqprun.process.request_stop(0)
         self.thread.join(timeout)
         try:
             assert not self.thread.is_alive(), 'main() did not stop'

@@ -7,16 +7,16 @@ handler. The commit is carried out by the I/O thread (see
 transaction did not commit goes back to the broker after the retry delay,
 or to the dead-letter destination once it used up its attempts.
 """
-import collections
 import logging
 import threading
 import time
 
 import transaction
+import zope.event
 
 import gocept.amqprun.channelops
 import gocept.amqprun.interfaces
-import gocept.amqprun.message
+import gocept.amqprun.retry
 import gocept.amqprun.security
 import gocept.amqprun.session
 
@@ -28,103 +28,6 @@ STOP = object()
 
 #: How many body bytes a DEBUG line shows.
 BODY_PREVIEW = 200
-
-
-class RetryPolicy:
-    """What happens to a message whose handler failed.
-
-    It goes back to the broker after ``delay`` seconds; once it failed
-    ``max_attempts`` times (0: never give up) it is acked and a copy goes to
-    ``dead_letter_routing_key`` on ``dead_letter_exchange`` with the error
-    and the attempt count in its headers. Without a dead-letter routing key
-    it is retried forever, so nothing is lost by default.
-    """
-
-    def __init__(self, delay=1.0, max_attempts=0,
-                 dead_letter_routing_key=None,
-                 dead_letter_exchange='amq.topic'):
-        self.delay = float(delay)
-        self.max_attempts = int(max_attempts)
-        self.dead_letter_routing_key = dead_letter_routing_key
-        self.dead_letter_exchange = dead_letter_exchange
-
-    def gives_up(self, attempts):
-        """True when a message that failed ``attempts`` times is dead."""
-        return bool(self.max_attempts and self.dead_letter_routing_key
-                    and attempts >= self.max_attempts)
-
-    def dead_letter(self, message, error, attempts):
-        """Return the copy of ``message`` for the dead-letter destination."""
-        headers = dict(message.header.headers or {})
-        headers.update({
-            'x-amqprun-error': error,
-            'x-amqprun-attempts': attempts,
-            'x-amqprun-routing-key': message.routing_key or '',
-            'x-amqprun-exchange': message.exchange or '',
-        })
-        properties = {name: getattr(message.header, name) for name in
-                      gocept.amqprun.message.PROPERTY_NAMES}
-        return gocept.amqprun.message.Message(
-            gocept.amqprun.message.Header(headers=headers, **properties),
-            message.body, routing_key=self.dead_letter_routing_key,
-            exchange=self.dead_letter_exchange)
-
-
-class FailureCounter:
-    """Counts the failed attempts per message (by message id), thread-safe.
-
-    Counts live in this process only; a restarted daemon starts from zero
-    (quorum queues' ``x-delivery-count`` header is taken into account).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counts = {}
-        self._errors = {}
-
-    @staticmethod
-    def _key(message):
-        return message.header.message_id or hash(
-            (message.routing_key, message.body))
-
-    def record(self, message, error=None):
-        """Count one more failure; return the number of failures so far.
-
-        ``error`` (text) is remembered as the message's last error.
-        """
-        with self._lock:
-            key = self._key(message)
-            count = self._counts[key] = self._counts.get(key, 0) + 1
-            if error is not None:
-                self._errors[key] = error
-        return self._with_delivery_count(message, count)
-
-    def count(self, message):
-        """The number of failures recorded so far (0 for none)."""
-        with self._lock:
-            count = self._counts.get(self._key(message), 0)
-        return self._with_delivery_count(message, count, failed_now=False)
-
-    def last_error(self, message):
-        """The text of the message's last recorded error, or None."""
-        with self._lock:
-            return self._errors.get(self._key(message))
-
-    @staticmethod
-    def _with_delivery_count(message, count, failed_now=True):
-        delivery_count = (message.header.headers or {}).get(
-            'x-delivery-count')  # quorum queues count for us
-        if isinstance(delivery_count, int):
-            # Deliveries before this one (+ this one, if it just failed).
-            count = max(count, delivery_count + int(failed_now))
-        return count
-
-    def forget(self, message):
-        """The message is done with: drop its count."""
-        with self._lock:
-            key = self._key(message)
-            self._counts.pop(key, None)
-            self._errors.pop(key, None)
 
 
 class Worker(threading.Thread):
@@ -151,10 +54,20 @@ class Worker(threading.Thread):
 
     def handle(self, task):
         """Handle one task in a transaction; give it back if not committed.
+
+        Notifies ``IMessageHandled`` with the outcome once done.
         """
+        started = time.monotonic()
+        outcome, error = self._handle(task)
+        self._notify(gocept.amqprun.interfaces.MessageHandled(
+            task.message, task.handler_name, outcome,
+            time.monotonic() - started, error))
+
+    def _handle(self, task):
+        """Return the outcome of handling ``task`` and its error."""
         message, handler = task.message, task.handler
         if self._used_up(message, handler):
-            return
+            return gocept.amqprun.interfaces.DEAD_LETTERED, None
         session = gocept.amqprun.session.Session(self.server, message)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Processing message %s %s (%s) with '%s'; body %r",
@@ -171,23 +84,32 @@ class Worker(threading.Thread):
             log.error('Unhandled exception, prevent thread from crashing',
                       exc_info=True)
             error = e
-        duration = time.monotonic() - started
-        if session.settled:
-            self.pool.record('handled')
-            self.pool.failures.forget(message)
-            log.info("Handled message %s (%s) with '%s' in %.3f s",
-                     message.header.message_id, message.routing_key,
-                     task.handler_name, duration)
-        else:
-            self.pool.record('failed')
-            self._give_back(message, handler, error)
+        if not session.settled:
+            return self._give_back(message, handler, error), error
+        self.pool.failures.forget(message)
+        log.info("Handled message %s (%s) with '%s' in %.3f s",
+                 message.header.message_id, message.routing_key,
+                 task.handler_name, time.monotonic() - started)
+        if session.error_handled:
+            return gocept.amqprun.interfaces.ERROR_HANDLED, error
+        return gocept.amqprun.interfaces.HANDLED, None
+
+    @staticmethod
+    def _notify(event):
+        """Tell the subscribers; their errors never fail the message."""
+        try:
+            zope.event.notify(event)
+        except Exception:
+            log.error('A subscriber of IMessageHandled failed for message '
+                      '%s', event.message.header.message_id, exc_info=True)
 
     def _used_up(self, message, handler):
         """Dead-letter without handling a message that used up its attempts.
 
         Happens when its last failure could not dead-letter it (the
         connection was lost meanwhile, or the broker's consumer_timeout hit
-        it): the broker redelivered it instead.
+        it): the broker redelivered it instead. Returns True when the
+        message was dealt with.
         """
         policy = self._policy(handler)
         attempts = self.pool.failures.count(message)
@@ -233,6 +155,8 @@ class Worker(threading.Thread):
                 # afresh.)
                 self._report_commit_error(session, message, response)
             return e
+        # ErrorHandlingHandler turned an error into a message itself.
+        session.error_handled = getattr(response, 'error', None) is not None
         return None
 
     def _report_commit_error(self, session, message, response):
@@ -246,9 +170,12 @@ class Worker(threading.Thread):
         except Exception:
             log.error('Error during exception handling', exc_info=True)
             transaction.abort()
+        else:
+            session.error_handled = True
 
     def _give_back(self, message, handler, error):
-        """Requeue the message after the delay, or dead-letter it."""
+        """Requeue the message after the delay, or dead-letter it; return
+        the outcome."""
         policy = self._policy(handler)
         error_text = '%s: %s' % (type(error).__name__, error)
         if isinstance(error, gocept.amqprun.interfaces.AckTimedOut):
@@ -259,25 +186,25 @@ class Worker(threading.Thread):
                         'redelivery is flagged redelivered',
                         message.header.message_id, message.routing_key,
                         attempts, error)
-            return
+            return gocept.amqprun.interfaces.RETRIED
         if isinstance(error, gocept.amqprun.interfaces.ConnectionLost):
             # Not the handler's fault: the broker redelivers the message.
             log.warning('Message %s (%s) goes back to the broker: %s',
                         message.header.message_id, message.routing_key,
                         error)
-            return
+            return gocept.amqprun.interfaces.RETURNED
         attempts = self.pool.failures.record(message, error_text)
         if policy.gives_up(attempts) and self._dead_letter(
                 message, policy, error_text, attempts):
-            return
+            return gocept.amqprun.interfaces.DEAD_LETTERED
         log.warning('Message %s (%s) failed %d time(s); returning it to the '
                     'broker in %.1f s', message.header.message_id,
                     message.routing_key, attempts, policy.delay)
         self._requeue(message, policy)
+        return gocept.amqprun.interfaces.RETRIED
 
     def _requeue(self, message, policy):
         """Return the message to the broker after the policy's delay."""
-        self.pool.record('retried')
         self.server.submit(gocept.amqprun.channelops.Reject(
             message.delivery, delay=policy.delay, now=time.time()))
 
@@ -293,7 +220,6 @@ class Worker(threading.Thread):
             log.error('Could not dead-letter message %s',
                       message.header.message_id, exc_info=True)
             return False
-        self.pool.record('dead-lettered')
         self.pool.failures.forget(message)
         log.error("Message %s (%s) failed %d times; sent it to '%s'",
                   message.header.message_id, message.routing_key,
@@ -307,17 +233,10 @@ class WorkerPool:
     def __init__(self, server, amount, policy=None):
         self.server = server
         self.amount = amount
-        self.policy = policy or RetryPolicy()
-        self.failures = FailureCounter()
+        self.policy = policy or gocept.amqprun.retry.RetryPolicy()
+        self.failures = gocept.amqprun.retry.FailureCounter()
         self.stopping = threading.Event()
-        self.stats = collections.Counter()
-        self._stats_lock = threading.Lock()
         self.workers = []
-
-    def record(self, outcome):
-        """Count one message outcome (for the summary at shutdown)."""
-        with self._stats_lock:
-            self.stats[outcome] += 1
 
     def start(self):
         """Start the worker threads."""
@@ -339,11 +258,3 @@ class WorkerPool:
         for worker in self.workers:
             worker.join(max(0, deadline - time.monotonic()))
         return [worker for worker in self.workers if worker.is_alive()]
-
-    def summary(self):
-        """One line: how many messages were handled, failed, retried."""
-        with self._stats_lock:
-            stats = dict(self.stats)
-        return ('handled %d, failed %d, retried %d, dead-lettered %d' % (
-            stats.get('handled', 0), stats.get('failed', 0),
-            stats.get('retried', 0), stats.get('dead-lettered', 0)))

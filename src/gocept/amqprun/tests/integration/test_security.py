@@ -15,6 +15,7 @@ import zope.security.simplepolicies
 
 import gocept.amqprun.handler
 import gocept.amqprun.main
+import gocept.amqprun.process
 import gocept.amqprun.message
 import gocept.amqprun.security
 import gocept.amqprun.testing
@@ -197,4 +198,4 @@ def test_main_refuses_to_start_a_principal_handler_without_zope_security(
         in critical[0])
     assert 'install gocept.amqprun[security]' in critical[0]
     assert 'Process started' not in log_path.read_text()
-    assert gocept.amqprun.main.main_server is None
+    assert gocept.amqprun.process.server is None

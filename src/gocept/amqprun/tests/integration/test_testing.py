@@ -15,7 +15,7 @@ import unittest
 import pytest
 
 import gocept.amqprun.handler
-import gocept.amqprun.main
+import gocept.amqprun.process
 import gocept.amqprun.message
 import gocept.amqprun.testing
 
@@ -109,7 +109,7 @@ def test_wait_for_processing_fails_when_a_handler_takes_too_long(
 def test_main_thread_runs_the_real_main_and_shows_its_log(
         amqp_main, amqp_client):
     main = amqp_main(ZCML, log_level='DEBUG')
-    assert main.server is gocept.amqprun.main.main_server
+    assert main.server is gocept.amqprun.process.server
     amqp_client.expect_message_on('test.testing.thanks')
     amqp_client.send_message(b'x', 'test.testing.thank')
     assert amqp_client.wait_for_message().body == b'thanks for x'
@@ -117,7 +117,7 @@ def test_main_thread_runs_the_real_main_and_shows_its_log(
     assert 'Handled message' in main.log
     assert main.stop() == 0
     assert 'Exiting' in main.log
-    assert gocept.amqprun.main.main_server is None
+    assert gocept.amqprun.process.server is None
 
 
 def test_main_thread_undoes_the_logging_configuration(amqp_main):
@@ -141,7 +141,7 @@ def test_main_thread_reports_an_exit_during_start_up(
         main.start()
     assert 'main() exited with status 1 during start-up' in str(error.value)
     assert 'Invalid ZCML file' in str(error.value)
-    assert gocept.amqprun.main.main_server is None
+    assert gocept.amqprun.process.server is None
 
 
 def test_server_process_runs_the_handlers_of_the_test_module(

@@ -8,6 +8,9 @@ import os
 import queue
 import threading
 
+import zope.interface
+
+import gocept.amqprun.interfaces
 import gocept.amqprun.message
 import gocept.amqprun.server
 
@@ -86,6 +89,19 @@ class FakeChannel:
         self._record('publish', message)
 
 
+class FakeEncodingChannel(FakeChannel):
+    """Encodes the properties of a publish as py-amqp does on the wire."""
+
+    def __init__(self):
+        super().__init__()
+        self.published = []
+
+    def basic_publish(self, amqp_message, exchange, routing_key):
+        amqp_message._serialize_properties()
+        self.published.append(amqp_message.body)
+
+
+@zope.interface.implementer(gocept.amqprun.interfaces.IServer)
 class FakeServer:
     """A server whose ``submit(op)`` carries the op out at once.
 
@@ -93,15 +109,31 @@ class FakeServer:
     errors (or None for success) used for the submits in order; once it is
     used up, submits succeed. A successful op is executed on ``channel``
     followed by ``tx_commit``, as the I/O thread would; a failed one is
-    resolved with its error and nothing is sent.
+    resolved with its error and nothing is sent. The ILoop part only
+    records: it never runs a loop.
     """
+
+    running = True
 
     def __init__(self, outcomes=()):
         self.channel = FakeChannel()
         self.ops = []
         self.outcomes = list(outcomes)
         self.tasks = queue.Queue()
+        self.consuming = True
         self._local = threading.local()
+
+    def start(self):
+        """Nothing to run."""
+
+    def stop(self):
+        self.running = False
+
+    def wait_until_running(self, timeout=None):
+        return self.running
+
+    def stop_consuming(self):
+        self.consuming = False
 
     def submit(self, op):
         self.ops.append(op)
@@ -271,3 +303,17 @@ class FakeAMQPConnection:
 
     def collect(self):
         self.calls.append('collect')
+
+
+def resolved(op):
+    return op._done.is_set()
+
+
+def error_of(op):
+    """The error ``op`` was resolved with (None for success)."""
+    assert resolved(op), '%r was not resolved' % op
+    try:
+        op.wait(0)
+    except Exception as error:
+        return error
+    return None

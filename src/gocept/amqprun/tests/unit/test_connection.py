@@ -1,4 +1,5 @@
-"""Tests for gocept.amqprun.connection: Parameters, connect, declare.
+"""Tests for gocept.amqprun.connection: Parameters, connect, OpChannel,
+describe, ConnectionHistory.
 
 ``amqp.Connection`` is replaced by FakeAMQPConnection; no socket is opened.
 """
@@ -10,16 +11,19 @@ import ZConfig
 
 import gocept.amqprun.config
 from gocept.amqprun.connection import DEFAULT_PORT
+from gocept.amqprun.connection import ConnectionHistory
+from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.connection import Parameters
-from gocept.amqprun.connection import check_unique_queues
 from gocept.amqprun.connection import connect
-from gocept.amqprun.connection import declare_queue
+from gocept.amqprun.connection import describe
 from gocept.amqprun.connection import open_channel
-from gocept.amqprun.connection import routing_keys
 from gocept.amqprun.handler import Handler
 from gocept.amqprun.interfaces import AccessRefused
-from gocept.amqprun.interfaces import ConfigurationError
+from gocept.amqprun.interfaces import AckTimedOut
+from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.interfaces import FatalError
+from gocept.amqprun.message import Message
+from gocept.amqprun.server import Delivery
 from gocept.amqprun.tests.unit.fakes import FakeAMQPConnection
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 
@@ -198,57 +202,6 @@ def test_open_channel_selects_tx_and_keeps_bodies_bytes():
 
 # -- declaring ----------------------------------------------------------------
 
-@pytest.mark.parametrize('routing_key, expected', [
-    ('route', ['route']),
-    (['a', 'b'], ['a', 'b']),
-    (('a', 'b'), ['a', 'b']),
-])
-def test_routing_keys_are_a_list(routing_key, expected):
-    assert routing_keys(handler(routing_key=routing_key)) == expected
-
-
-def test_declare_queue_declares_durable_queue_and_binds_every_key():
-    channel = FakeChannel()
-    declare_queue(channel, handler('queue', ('a', 'b')), 'name')
-    assert channel.calls == [
-        ('queue_declare', ('arguments', {}), ('auto_delete', False),
-         ('durable', True), ('exclusive', False), ('queue', 'queue')),
-        ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue'),
-         ('routing_key', 'a')),
-        ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue'),
-         ('routing_key', 'b')),
-    ]
-
-
-def test_declare_queue_keeps_argument_types():
-    channel = FakeChannel()
-    arguments = {'x-message-ttl': 60000, 'x-queue-type': 'quorum',
-                 'x-ha-policy': 'all'}
-    declare_queue(channel, handler(arguments=arguments), 'name')
-    declared = dict(channel.calls[0][1:])['arguments']
-    assert declared == arguments
-    assert isinstance(declared['x-message-ttl'], int)
-
-
-def test_declare_queue_supports_non_ascii_names():
-    channel = FakeChannel()
-    declare_queue(channel, handler('queue.ü', 'route.ü'), 'name')
-    assert dict(channel.calls[1][1:])['routing_key'] == 'route.ü'
-
-
-def test_check_unique_queues_accepts_distinct_queues():
-    check_unique_queues([('one', handler('a')), ('two', handler('b'))])
-
-
-def test_check_unique_queues_refuses_two_handlers_on_one_queue():
-    with pytest.raises(ConfigurationError) as info:
-        check_unique_queues([('one', handler('queue')),
-                             ('two', handler('queue'))])
-    assert isinstance(info.value, FatalError)
-    assert str(info.value) == (
-        "Queue 'queue' is bound to two handlers: 'one' and 'two'")
-
-
 @pytest.mark.parametrize('error', [
     amqp.exceptions.AccessRefused('ACCESS_REFUSED'),
     amqp.exceptions.ConnectionForced('closing'),
@@ -265,3 +218,70 @@ def test_connect_failure_leaves_no_half_open_connection(fake_amqp, error):
 def test_connect_bounds_blocking_socket_calls(fake_amqp):
     connection = connect(Parameters(heartbeat_interval=10))
     assert 0 < connection.transport.sock.timeout <= 60
+
+
+# -- OpChannel and describe ---------------------------------------------------
+
+def test_op_channel_publishes_empty_body_for_none():
+    channel = FakeChannel()
+    OpChannel(channel).publish(Message(dict(message_id='id'), None))
+    [call] = channel.calls
+    assert call[1] == b''
+    assert call[3:] == ('amq.topic', '')
+
+
+def test_op_channel_passes_ack_and_reject_through():
+    channel = FakeChannel()
+    op_channel = OpChannel(channel)
+    op_channel.basic_ack(3)
+    op_channel.basic_reject(4, True)
+    assert channel.calls == [('basic_ack', 3), ('basic_reject', 4, True)]
+
+
+def test_describe_names_the_error_class_once():
+    assert describe(ConnectionRefusedError('refused')) == (
+        'ConnectionRefusedError: refused')
+    assert describe(EOFError()) == 'EOFError'
+    assert describe(amqp.exceptions.RecoverableConnectionError(
+        'RecoverableConnectionError: gone')) == (
+        'RecoverableConnectionError: gone')
+
+
+# -- ConnectionHistory ------------------------------------------------------
+
+def test_history_counts_generations_and_knows_the_current_one():
+    history = ConnectionHistory()
+    assert history.connected() == 1
+    assert history.is_current(Delivery(1, 5))
+    assert history.connected() == 2
+    assert not history.is_current(Delivery(1, 5))
+
+
+def test_history_keeps_the_first_reason_of_a_loss():
+    history = ConnectionHistory()
+    history.connected()
+    first = history.lose(ConnectionResetError('reset'), 10)
+    assert history.lose(EOFError(), 11) is first
+    error = history.stale_error(Delivery(1, 3))
+    assert isinstance(error, ConnectionLost)
+    assert 'ConnectionResetError: reset' in str(error)
+
+
+def test_history_names_an_ack_timeout_for_old_deliveries():
+    history = ConnectionHistory()
+    history.connected()
+    history.lose(amqp.exceptions.PreconditionFailed(
+        'delivery acknowledgement on channel 1 timed out. Timeout value '
+        'used: 1800000 ms'), 2000)
+    assert isinstance(
+        history.stale_error(Delivery(1, 3, received=0)), AckTimedOut)
+
+
+def test_history_forgets_old_generations():
+    history = ConnectionHistory()
+    for _ in range(history.keep + 3):
+        history.connected()
+        history.lose(EOFError('went away'), 0)
+    error = history.stale_error(Delivery(1, 3))
+    assert 'went away' not in str(error)
+    assert isinstance(error, ConnectionLost)

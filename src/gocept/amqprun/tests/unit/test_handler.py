@@ -17,7 +17,7 @@ from gocept.amqprun.tests.unit.fakes import FakeSession
 from gocept.amqprun.tests.unit.fakes import RecordingDataManager
 from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import received_message
-from gocept.amqprun.worker import RetryPolicy
+from gocept.amqprun.retry import RetryPolicy
 
 
 def function(message):

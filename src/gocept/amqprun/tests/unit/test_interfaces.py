@@ -10,6 +10,9 @@ from gocept.amqprun import interfaces
     (interfaces.ProcessStarted(), interfaces.IProcessStarted),
     (interfaces.ProcessStopping(), interfaces.IProcessStopping),
     (interfaces.MessageStored('message', 'path'), interfaces.IMessageStored),
+    (interfaces.WorkersStopped(), interfaces.IWorkersStopped),
+    (interfaces.MessageHandled('message', 'name', 'handled'),
+     interfaces.IMessageHandled),
 ], ids=lambda value: type(value).__name__)
 def test_events_provide_their_interfaces(event, interface):
     assert zope.interface.verify.verifyObject(interface, event)
@@ -29,7 +32,7 @@ def test_recoverable_errors(error):
 
 @pytest.mark.parametrize('error', [
     interfaces.ConfigurationError, interfaces.BrokerUnreachable,
-    interfaces.AccessRefused])
+    interfaces.AccessRefused, interfaces.DeclareRefused])
 def test_fatal_errors(error):
     assert issubclass(error, interfaces.FatalError)
     assert not issubclass(error, interfaces.RecoverableError)

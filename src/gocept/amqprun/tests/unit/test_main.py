@@ -17,6 +17,7 @@ import zope.component
 import gocept.amqprun.config
 import gocept.amqprun.interfaces
 import gocept.amqprun.main
+import gocept.amqprun.process
 from gocept.amqprun.interfaces import IConfigFinished
 from gocept.amqprun.interfaces import IHandler
 from gocept.amqprun.interfaces import IProcessStarted
@@ -99,12 +100,10 @@ def restore_signals():
 @pytest.fixture(autouse=True)
 def reset_main_state():
     """Forget stop requests and the exit status of earlier tests."""
-    gocept.amqprun.main._stop_requested.clear()
-    gocept.amqprun.main._exit_status = 0
+    gocept.amqprun.process.reset()
     yield
-    gocept.amqprun.main._stop_requested.clear()
-    gocept.amqprun.main._exit_status = 0
-    gocept.amqprun.main.main_server = None
+    gocept.amqprun.process.reset()
+    gocept.amqprun.process.server = None
 
 
 @pytest.fixture
@@ -194,7 +193,7 @@ def test_invalid_zcml_exits_1_with_one_critical_log_line(config, tmp_path):
     assert len(critical) == 1
     assert 'Invalid ZCML file %s' % (tmp_path / 'site.zcml') in critical[0]
     assert 'nonesuch' in critical[0]
-    assert gocept.amqprun.main.main_server is None
+    assert gocept.amqprun.process.server is None
 
 
 def test_two_handlers_on_one_queue_exit_1_with_one_critical_log_line(
@@ -441,7 +440,7 @@ def subscribe(log, interface, action=None):
 def test_serve_boots_then_shuts_down_in_order():
     log = []
     subscribe(log, IProcessStarted,
-              lambda: gocept.amqprun.main.request_stop(0, 'test'))
+              lambda: gocept.amqprun.process.request_stop(0, 'test'))
     subscribe(log, IProcessStopping)
     status = gocept.amqprun.main.serve(
         fake_conf(), FakePool(log), FakeLoop(log))
@@ -471,26 +470,26 @@ def test_serve_exits_1_when_the_server_gives_up(caplog):
 def test_serve_exits_with_the_requested_status():
     log = []
     subscribe(log, IProcessStarted,
-              lambda: gocept.amqprun.main.request_stop(1, 'error'))
+              lambda: gocept.amqprun.process.request_stop(1, 'error'))
     assert gocept.amqprun.main.serve(
         fake_conf(), FakePool(log), FakeLoop(log)) == 1
 
 
 def test_request_stop_keeps_the_highest_exit_status():
-    gocept.amqprun.main.request_stop(1)
-    gocept.amqprun.main.request_stop(0)
-    assert gocept.amqprun.main._exit_status == 1
-    assert gocept.amqprun.main._stop_requested.is_set()
+    gocept.amqprun.process.request_stop(1)
+    gocept.amqprun.process.request_stop(0)
+    assert gocept.amqprun.process.exit_status() == 1
+    assert gocept.amqprun.process.wait_for_stop_request(0)
 
 
 @pytest.mark.parametrize('signum, status', [
     (signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGUSR1, 1)])
 def test_signals_request_a_stop(signum, status, caplog):
     gocept.amqprun.main.install_signal_handlers()
-    with caplog.at_level(logging.INFO, 'gocept.amqprun.main'):
+    with caplog.at_level(logging.INFO, 'gocept.amqprun.process'):
         signal.getsignal(signum)(signum, None)
-    assert gocept.amqprun.main._stop_requested.is_set()
-    assert gocept.amqprun.main._exit_status == status
+    assert gocept.amqprun.process.wait_for_stop_request(0)
+    assert gocept.amqprun.process.exit_status() == status
     assert 'Received signal %s, terminating' % signum in caplog.text
 
 

@@ -14,7 +14,7 @@ import zope.interface
 import zope.interface.verify
 
 import gocept.amqprun.interfaces
-import gocept.amqprun.main
+import gocept.amqprun.process
 from gocept.amqprun.readfiles import Maildir
 from gocept.amqprun.readfiles import MaildirReader
 from gocept.amqprun.readfiles import filename_header
@@ -103,9 +103,9 @@ def reader(maildir):
 
 @pytest.fixture
 def stop_requests(monkeypatch):
-    """Record calls of ``main.request_stop`` instead of stopping."""
+    """Record calls of ``process.request_stop`` instead of stopping."""
     calls = []
-    monkeypatch.setattr(gocept.amqprun.main, 'request_stop',
+    monkeypatch.setattr(gocept.amqprun.process, 'request_stop',
                         lambda *args: calls.append(args))
     return calls
 

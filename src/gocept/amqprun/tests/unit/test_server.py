@@ -28,18 +28,19 @@ from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.interfaces import IHandler
 from gocept.amqprun.interfaces import ILoop
 from gocept.amqprun.interfaces import ISender
+from gocept.amqprun.interfaces import IServer
 from gocept.amqprun.interfaces import RecoverableError
-from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
-from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.server import Server
-from gocept.amqprun.server import describe
 from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeAMQPMessage
 from gocept.amqprun.tests.unit.fakes import FakeChannel
+from gocept.amqprun.tests.unit.fakes import FakeServer
 from gocept.amqprun.tests.unit.fakes import close_server
+from gocept.amqprun.tests.unit.fakes import error_of
 from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import received_message
+from gocept.amqprun.tests.unit.fakes import resolved
 
 
 class FakeConnection:
@@ -80,7 +81,7 @@ def server():
     """A server in the state of a connection of generation 1."""
     server = make_server()
     server.connection = FakeConnection()
-    server._generation = 1
+    server.history.connected()
     server._channel = FakeChannel()
     server._send_channel = FakeChannel()
     yield server
@@ -94,20 +95,6 @@ def unconnected():
     close_server(server)
 
 
-def resolved(op):
-    return op._done.is_set()
-
-
-def error_of(op):
-    """The error ``op`` was resolved with (None for success)."""
-    assert resolved(op), '%r was not resolved' % op
-    try:
-        op.wait(0)
-    except Exception as error:
-        return error
-    return None
-
-
 def delivered(tag, generation=1):
     return Delivery(generation, tag)
 
@@ -115,21 +102,9 @@ def delivered(tag, generation=1):
 def reconnect(server):
     """Put the server into the state of its next connection."""
     server.connection = FakeConnection()
-    server._generation += 1
+    server.history.connected()
     server._channel = FakeChannel()
     server._send_channel = FakeChannel()
-
-
-class FakeEncodingChannel(FakeChannel):
-    """Encodes the properties of a publish as py-amqp does on the wire."""
-
-    def __init__(self):
-        super().__init__()
-        self.published = []
-
-    def basic_publish(self, amqp_message, exchange, routing_key):
-        amqp_message._serialize_properties()
-        self.published.append(amqp_message.body)
 
 
 # -- the interfaces and the any-thread API ----------------------------------
@@ -137,6 +112,11 @@ class FakeEncodingChannel(FakeChannel):
 def test_server_provides_ILoop_and_ISender(unconnected):
     assert zope.interface.verify.verifyObject(ILoop, unconnected)
     assert zope.interface.verify.verifyObject(ISender, unconnected)
+    assert zope.interface.verify.verifyObject(IServer, unconnected)
+
+
+def test_fake_server_provides_IServer_like_the_real_one():
+    assert zope.interface.verify.verifyObject(IServer, FakeServer())
 
 
 def test_server_is_not_running_before_start(unconnected):
@@ -147,7 +127,7 @@ def test_server_is_not_running_before_start(unconnected):
 def test_submit_queues_the_op_and_wakes_the_loop(unconnected):
     op = Commit(None, [])
     unconnected.submit(op)
-    assert list(unconnected._ops) == [op]
+    assert list(unconnected.commits._ops) == [op]
     readable, _, _ = select.select([unconnected._wake_r], [], [], 0)
     assert readable == [unconnected._wake_r]
     unconnected._drain_wake_pipe()
@@ -171,7 +151,7 @@ def test_wake_survives_a_full_pipe(unconnected):
 def test_send_outside_handler_publishes_nothing_on_abort(unconnected):
     unconnected.send(outgoing_message())
     transaction.abort()
-    assert list(unconnected._ops) == []
+    assert list(unconnected.commits._ops) == []
 
 
 def test_send_outside_handler_publishes_on_send_channel_at_commit(server):
@@ -191,7 +171,7 @@ def test_send_outside_handler_publishes_on_send_channel_at_commit(server):
     # Act as the I/O loop: wait for the wake-up, then carry the op out.
     assert select.select([server._wake_r], [], [], 10)[0]
     server._drain_wake_pipe()
-    server._execute_ops()
+    server._commit_due()
     sender.join(10)
     assert outcome == ['committed']
     assert server._send_channel.names == ['basic_publish', 'tx_commit']
@@ -275,113 +255,6 @@ def test_consume_callback_keeps_the_generation_it_was_made_in(server):
     assert server.tasks.get_nowait().message.delivery.generation == 1
 
 
-# -- executing ops: group commit ---------------------------------------------
-
-def test_several_commits_on_one_channel_share_one_tx_commit(server):
-    reply_1, reply_2 = outgoing_message(b'1'), outgoing_message(b'2')
-    ops = [Commit(delivered(1), [reply_1]),
-           Commit(delivered(2), [reply_2]),
-           Commit(delivered(3), [])]
-    for op in ops:
-        server.submit(op)
-    server._execute_ops()
-    channel = server._channel
-    assert channel.names == [
-        'basic_ack', 'basic_publish', 'basic_ack', 'basic_publish',
-        'basic_ack', 'tx_commit']
-    assert [call[1] for call in channel.calls
-            if call[0] == 'basic_ack'] == [1, 2, 3]
-    assert [error_of(op) for op in ops] == [None, None, None]
-    assert server._send_channel.calls == []
-    assert list(server._ops) == []
-
-
-def test_ops_of_both_channels_are_committed_once_per_channel(server):
-    ack, send = Commit(delivered(1), []), Commit(None, [outgoing_message()])
-    server.submit(ack)
-    server.submit(send)
-    server._execute_ops()
-    assert server._channel.names == ['basic_ack', 'tx_commit']
-    assert server._send_channel.names == ['basic_publish', 'tx_commit']
-    assert error_of(ack) is None
-    assert error_of(send) is None
-
-
-def test_execute_ops_without_ops_commits_nothing(server):
-    server._execute_ops()
-    assert server._channel.calls == []
-    assert server._send_channel.calls == []
-
-
-def test_published_message_carries_body_properties_and_routing(server):
-    message = Message(dict(message_id='<id@x>', timestamp=12, foo='bar'),
-                      b'body', routing_key='route', exchange='ex')
-    server.submit(Commit(None, [message]))
-    server._execute_ops()
-    [publish, commit] = server._send_channel.calls
-    assert publish == (
-        'basic_publish', b'body',
-        dict(message_id='<id@x>', timestamp=12, delivery_mode=2,
-             application_headers={'foo': 'bar'}),
-        'ex', 'route')
-
-
-def test_op_with_stale_generation_fails_with_ConnectionLost(server):
-    stale = Commit(delivered(1, generation=0), [outgoing_message()])
-    reject = Reject(delivered(2, generation=0))
-    server.submit(stale)
-    server.submit(reject)
-    server._execute_ops()
-    assert isinstance(error_of(stale), ConnectionLost)
-    assert isinstance(error_of(reject), ConnectionLost)
-    assert server._channel.calls == []
-    assert server._send_channel.calls == []
-
-
-def test_stale_op_does_not_disturb_current_ones(server):
-    stale, current = Commit(delivered(1, 0), []), Commit(delivered(2), [])
-    server.submit(stale)
-    server.submit(current)
-    server._execute_ops()
-    assert isinstance(error_of(stale), ConnectionLost)
-    assert error_of(current) is None
-    assert server._channel.calls == [('basic_ack', 2), ('tx_commit',)]
-
-
-@pytest.mark.parametrize('error', [
-    ConnectionResetError('reset'),
-    amqp.exceptions.RecoverableConnectionError('connection gone'),
-    amqp.exceptions.PreconditionFailed('unknown delivery tag'),
-], ids=['socket', 'connection', 'channel'])
-def test_failed_tx_commit_fails_every_op_of_the_batch(error):
-    server = make_server()
-    try:
-        server._generation = 1
-        server._channel = FakeChannel(tx_commit=error)
-        ops = [Commit(delivered(1), [outgoing_message()]),
-               Commit(delivered(2), []),
-               Reject(delivered(3))]
-        with pytest.raises(type(error)):
-            server._commit_batch(server._channel, ops)
-        errors = [error_of(op) for op in ops]
-        assert all(isinstance(e, CommitFailed) for e in errors)
-        assert len({id(e) for e in errors}) == 1
-    finally:
-        close_server(server)
-
-
-def test_connection_error_during_execute_fails_the_batch_uncommitted(
-        server):
-    server._channel.fail['basic_publish'] = BrokenPipeError('pipe')
-    first = Commit(delivered(1), [outgoing_message()])
-    second = Commit(delivered(2), [])
-    with pytest.raises(BrokenPipeError):
-        server._commit_batch(server._channel, [first, second])
-    assert isinstance(error_of(first), RecoverableError)
-    assert isinstance(error_of(second), RecoverableError)
-    assert 'tx_commit' not in server._channel.names
-
-
 def test_ops_on_the_other_channel_are_not_left_hanging(server):
     # The send channel's batch comes first and fails; the ack waits in the
     # consume channel's batch.
@@ -391,7 +264,7 @@ def test_ops_on_the_other_channel_are_not_left_hanging(server):
     server.submit(send)
     server.submit(ack)
     with pytest.raises(ConnectionResetError):
-        server._execute_ops()
+        server._commit_due()
     server._lose_connection(ConnectionResetError('reset'))  # as _run does
     assert isinstance(error_of(send), RecoverableError)
     assert isinstance(error_of(ack), RecoverableError)
@@ -405,39 +278,14 @@ def test_sends_on_the_other_channel_wait_for_the_next_connection(server):
     server.submit(ack)
     server.submit(send)
     with pytest.raises(ConnectionResetError):
-        server._execute_ops()
+        server._commit_due()
     server._lose_connection(ConnectionResetError('reset'))
     assert isinstance(error_of(ack), CommitFailed)
     assert not resolved(send)
     reconnect(server)
-    server._execute_ops()
+    server._commit_due()
     assert error_of(send) is None
     assert server._send_channel.names == ['basic_publish', 'tx_commit']
-
-
-def test_unpublishable_message_fails_alone_and_the_rest_commits(server):
-    good = Commit(delivered(1), [outgoing_message(b'good')])
-    bad = Commit(delivered(2), [Message(dict(timestamp='yesterday'), b'')])
-    server._commit_batch(server._channel, [good, bad])
-    assert isinstance(error_of(bad), CommitFailed)
-    assert error_of(good) is None
-    names = server._channel.names
-    assert names[-1] == 'tx_commit'
-    assert 'tx_rollback' in names
-    after_rollback = server._channel.calls[names.index('tx_rollback') + 1:]
-    assert [call[0] for call in after_rollback] == [
-        'basic_ack', 'basic_publish', 'tx_commit']
-    assert after_rollback[0] == ('basic_ack', 1)
-
-
-def test_message_with_unencodable_header_fails_alone(server):
-    good = Commit(None, [outgoing_message(b'good')])
-    bad = Commit(None, [outgoing_message(b'bad', custom=object())])
-    channel = FakeEncodingChannel()
-    server._commit_batch(channel, [bad, good])
-    assert isinstance(error_of(bad), CommitFailed)
-    assert error_of(good) is None
-    assert channel.published == [b'good']
 
 
 def test_message_of_a_failed_commit_is_not_published_later(
@@ -446,7 +294,7 @@ def test_message_of_a_failed_commit_is_not_published_later(
     server.send(outgoing_message())
     with pytest.raises(CommitFailed):
         transaction.commit()
-    server._execute_ops()  # the I/O thread gets to it afterwards
+    server._commit_due()  # the I/O thread gets to it afterwards
     assert server._send_channel.calls == []
 
 
@@ -455,47 +303,12 @@ def test_message_of_a_failed_commit_is_not_published_later(
 def test_delayed_reject_is_not_executed_before_its_time(server):
     op = Reject(delivered(1), delay=60, now=time.time())
     server.submit(op)
-    server._execute_ops()
+    server._commit_due()
     assert server._channel.calls == []
     assert not resolved(op)
-    assert list(server._ops) == []
-    server._execute_ops()
+    assert list(server.commits._ops) == []
+    server._commit_due()
     assert server._channel.calls == []
-
-
-def test_delayed_reject_is_executed_once_due(server):
-    op = Reject(delivered(1), delay=5, now=time.time() - 10)
-    server.submit(op)
-    server._execute_ops()
-    assert server._channel.calls == [
-        ('basic_reject', 1, True), ('tx_commit',)]
-    assert error_of(op) is None
-
-
-def test_delayed_reject_waits_while_later_ops_pass_it(server):
-    delayed = Reject(delivered(1), delay=60, now=time.time())
-    commit = Commit(delivered(2), [])
-    server.submit(delayed)
-    server.submit(commit)
-    server._execute_ops()
-    assert server._channel.calls == [('basic_ack', 2), ('tx_commit',)]
-    assert not resolved(delayed)
-
-
-def test_due_delayed_ops_run_in_order_of_their_time(server):
-    now = time.time()
-    later = Reject(delivered(1), delay=60, now=now - 100)
-    sooner = Reject(delivered(2), delay=60, now=now - 110)
-    server._delayed = []
-    server.submit(later)
-    server.submit(Reject(delivered(3), delay=600, now=now))
-    server._execute_ops()
-    server.submit(sooner)
-    server._execute_ops()
-    tags = [call[1] for call in server._channel.calls
-            if call[0] == 'basic_reject']
-    assert tags == [1, 2]
-    assert len(server._delayed) == 1
 
 
 def test_poll_timeout_is_zero_with_pending_ops(server):
@@ -514,7 +327,7 @@ def test_poll_timeout_follows_the_heartbeat(server):
 
 def test_poll_timeout_wakes_up_for_the_next_delayed_op(server):
     server.submit(Reject(delivered(1), delay=0.3, now=time.time()))
-    server._execute_ops()
+    server._commit_due()
     assert 0 < server._poll_timeout() <= 0.3
 
 
@@ -609,7 +422,7 @@ def test_lost_connection_fails_pending_and_delayed_ops(server):
     pending = Commit(delivered(1), [])
     delayed = Reject(delivered(2), delay=60, now=time.time())
     server.submit(delayed)
-    server._execute_ops()
+    server._commit_due()
     server.submit(pending)
     server._lose_connection(ConnectionResetError('reset'))
     assert isinstance(error_of(pending), ConnectionLost)
@@ -627,7 +440,7 @@ def test_lost_connection_keeps_sends_for_the_next_connection(server):
     server._lose_connection(ConnectionResetError('reset'))
     assert not resolved(send)
     reconnect(server)
-    server._execute_ops()
+    server._commit_due()
     assert error_of(send) is None
 
 
@@ -690,7 +503,7 @@ def test_connect_opens_consume_and_send_channels_in_tx_mode(
         for channel in (consume, send):
             assert channel.calls[0] == ('tx_select',)
             assert channel.auto_decode is False
-        assert server._generation == 1
+        assert server.history.generation == 1
     finally:
         close_server(server)
 
@@ -713,7 +526,7 @@ def test_each_connect_is_a_new_generation(fake_amqp, registry):
         server._connect()
         server._disconnect()
         server._connect()
-        assert server._generation == 2
+        assert server.history.generation == 2
         assert fake_amqp.instances[0].calls[-1] in ('close', 'collect')
     finally:
         close_server(server)
@@ -766,30 +579,3 @@ def test_start_after_stop_returns_at_once(fake_amqp, keep_thread_name):
         close_server(server)
     assert fake_amqp.instances == []
     assert server.error is None
-
-
-# -- OpChannel and describe ---------------------------------------------------
-
-def test_op_channel_publishes_empty_body_for_none():
-    channel = FakeChannel()
-    OpChannel(channel).publish(Message(dict(message_id='id'), None))
-    [call] = channel.calls
-    assert call[1] == b''
-    assert call[3:] == ('amq.topic', '')
-
-
-def test_op_channel_passes_ack_and_reject_through():
-    channel = FakeChannel()
-    op_channel = OpChannel(channel)
-    op_channel.basic_ack(3)
-    op_channel.basic_reject(4, True)
-    assert channel.calls == [('basic_ack', 3), ('basic_reject', 4, True)]
-
-
-def test_describe_names_the_error_class_once():
-    assert describe(ConnectionRefusedError('refused')) == (
-        'ConnectionRefusedError: refused')
-    assert describe(EOFError()) == 'EOFError'
-    assert describe(amqp.exceptions.RecoverableConnectionError(
-        'RecoverableConnectionError: gone')) == (
-        'RecoverableConnectionError: gone')

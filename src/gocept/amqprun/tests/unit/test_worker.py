@@ -8,6 +8,7 @@ import time
 
 import pytest
 import transaction
+import zope.component
 import zope.interface
 import zope.security.management
 
@@ -17,6 +18,7 @@ from gocept.amqprun.handler import ErrorHandlingHandler
 from gocept.amqprun.handler import Handler
 from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import ConnectionLost
+from gocept.amqprun.interfaces import IMessageHandled
 from gocept.amqprun.interfaces import IResponse
 from gocept.amqprun.server import Task
 from gocept.amqprun.tests.unit.fakes import FakeServer
@@ -24,8 +26,7 @@ from gocept.amqprun.tests.unit.fakes import RecordingDataManager
 from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import received_message
 from gocept.amqprun.worker import STOP
-from gocept.amqprun.worker import FailureCounter
-from gocept.amqprun.worker import RetryPolicy
+from gocept.amqprun.retry import RetryPolicy
 from gocept.amqprun.worker import Worker
 from gocept.amqprun.worker import WorkerPool
 
@@ -33,6 +34,15 @@ from gocept.amqprun.worker import WorkerPool
 @pytest.fixture
 def server():
     return FakeServer()
+
+
+@pytest.fixture
+def outcomes(registry):
+    """The outcomes of the IMessageHandled events, in order."""
+    seen = []
+    zope.component.provideHandler(
+        lambda event: seen.append(event.outcome), (IMessageHandled,))
+    return seen
 
 
 @pytest.fixture
@@ -85,7 +95,7 @@ def test_worker_calls_the_handler_with_the_received_message(worker):
 
 
 def test_worker_commits_ack_and_handler_messages_in_one_op(worker, server,
-                                                           pool):
+                                                           pool, outcomes):
     reply_1, reply_2 = outgoing_message(b'1'), outgoing_message(b'2')
     message = received_message(tag=11)
     worker.handle(task(returning(reply_1, reply_2), message))
@@ -97,7 +107,7 @@ def test_worker_commits_ack_and_handler_messages_in_one_op(worker, server,
         ('basic_ack', 11), ('publish', reply_1), ('publish', reply_2),
         ('tx_commit',)]
     assert message._session.settled
-    assert pool.stats == {'handled': 1}
+    assert outcomes == ['handled']
 
 
 def test_worker_acks_a_message_whose_handler_returns_nothing(worker, server):
@@ -124,7 +134,7 @@ def test_worker_runs_the_handler_in_a_transaction_it_commits(worker):
                    'db.tpc_finish']
 
 
-def test_worker_requeues_when_handler_raises(worker, server, pool):
+def test_worker_requeues_when_handler_raises(worker, server, pool, outcomes):
     message = received_message()
     before = time.time()
     worker.handle(task(failing, message))
@@ -135,7 +145,7 @@ def test_worker_requeues_when_handler_raises(worker, server, pool):
     assert before + 3 <= op.not_before <= after + 3
     assert server.channel.calls == [
         ('basic_reject', 1, True), ('tx_commit',)]
-    assert pool.stats == {'failed': 1, 'retried': 1}
+    assert outcomes == ['retried']
 
 
 def test_worker_aborts_the_transaction_when_handler_raises(worker):
@@ -174,7 +184,7 @@ def test_worker_requeues_without_delay_when_policy_has_none(server):
     assert op.not_before == 0
 
 
-def test_worker_requeues_when_broker_commit_fails(pool):
+def test_worker_requeues_when_broker_commit_fails(pool, outcomes):
     server = pool.server = FakeServer(outcomes=[CommitFailed('no')])
     worker = Worker(pool, 1)
     worker.handle(task(returning(outgoing_message())))
@@ -182,19 +192,18 @@ def test_worker_requeues_when_broker_commit_fails(pool):
     assert isinstance(commit, Commit)
     assert isinstance(reject, Reject)
     assert server.channel.names == ['basic_reject', 'tx_commit']
-    assert pool.stats == {'failed': 1, 'retried': 1}
+    assert outcomes == ['retried']
 
 
 def test_worker_leaves_redelivery_to_the_broker_when_connection_is_lost(
-        pool, caplog):
+        pool, caplog, outcomes):
     server = pool.server = FakeServer(outcomes=[ConnectionLost('gone')])
     with caplog.at_level(logging.WARNING, 'gocept.amqprun.worker'):
         Worker(pool, 1).handle(task(returning(outgoing_message())))
     [op] = server.ops
     assert isinstance(op, Commit)
     assert server.rejects == []
-    assert pool.stats['failed'] == 1
-    assert 'retried' not in pool.stats
+    assert outcomes == ['returned']
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -225,7 +234,7 @@ def test_worker_sends_response_messages_of_an_IResponse(worker, server):
 
 
 def test_worker_acks_with_exception_messages_when_IResponse_commit_fails(
-        pool):
+        pool, outcomes):
     log = []
     server = pool.server = FakeServer(outcomes=[CommitFailed('no')])
     reply, error = outgoing_message(b'reply'), outgoing_message(b'error')
@@ -239,15 +248,16 @@ def test_worker_acks_with_exception_messages_when_IResponse_commit_fails(
     assert server.channel.calls == [
         ('basic_ack', 5), ('publish', error), ('tx_commit',)]
     assert log == ['exception']
-    assert pool.stats == {'handled': 1}
+    assert outcomes == ['error-handled']
 
 
-def test_worker_acks_when_IResponse_exception_returns_no_messages(pool):
+def test_worker_acks_when_IResponse_exception_returns_no_messages(
+        pool, outcomes):
     server = pool.server = FakeServer(outcomes=[CommitFailed('no')])
     Worker(pool, 1).handle(task(
         lambda message: RecordingResponse([], [outgoing_message()], [])))
     assert server.channel.names == ['basic_ack', 'tx_commit']
-    assert pool.stats == {'handled': 1}
+    assert outcomes == ['error-handled']
 
 
 def test_worker_requeues_when_IResponse_exception_fails(pool, caplog):
@@ -276,7 +286,7 @@ class Succeeding(Failing):
 
 
 def test_worker_commits_ack_and_error_message_of_ErrorHandlingHandler(
-        worker, server, pool):
+        worker, server, pool, outcomes):
     message = received_message(tag=4, message_id='orig message id')
     worker.handle(Task(message, Failing(), 'failing'))
     [op] = server.ops
@@ -287,7 +297,7 @@ def test_worker_commits_ack_and_error_message_of_ErrorHandlingHandler(
     assert error.body.startswith(b'RuntimeError: asdf\nTraceback')
     assert error.header.correlation_id == 'orig message id'
     assert server.channel.names == ['basic_ack', 'publish', 'tx_commit']
-    assert pool.stats == {'handled': 1}
+    assert outcomes == ['error-handled']
 
 
 def test_worker_commits_ack_and_results_of_ErrorHandlingHandler(
@@ -332,6 +342,35 @@ def test_worker_send_via_server_joins_the_handlers_commit(worker, server):
     assert op.messages == [sent, returned]
 
 
+# -- the outcome event ------------------------------------------------------
+
+def test_worker_notifies_the_outcome_with_handler_name_duration_error(
+        worker, registry):
+    events = []
+    zope.component.provideHandler(events.append, (IMessageHandled,))
+    message = received_message()
+    worker.handle(Task(message, Handler('q', 'r', failing), 'the-handler'))
+    [event] = events
+    assert event.message is message
+    assert event.handler_name == 'the-handler'
+    assert event.outcome == 'retried'
+    assert isinstance(event.error, RuntimeError)
+    assert event.duration >= 0
+
+
+def test_a_failing_subscriber_never_fails_a_committed_message(
+        worker, server, registry, caplog):
+    def broken_subscriber(event):
+        raise RuntimeError('subscriber broke')
+    zope.component.provideHandler(broken_subscriber, (IMessageHandled,))
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.worker'):
+        worker.handle(task(returning()))
+    assert server.rejects == []
+    assert [op.delivery.tag for op in server.commits] == [1]
+    assert ('A subscriber of IMessageHandled failed for message '
+            '<orig@example>') in caplog.messages
+
+
 # -- retry policy and dead letters -------------------------------------------
 
 def dead_letter_pool(server, **kw):
@@ -339,7 +378,7 @@ def dead_letter_pool(server, **kw):
         delay=0, max_attempts=2, dead_letter_routing_key='test.dead', **kw))
 
 
-def test_worker_dead_letters_a_message_after_max_attempts(server):
+def test_worker_dead_letters_a_message_after_max_attempts(server, outcomes):
     pool = dead_letter_pool(server)
     worker = Worker(pool, 1)
     worker.handle(task(failing, received_message(tag=1, message_id='<m@x>')))
@@ -365,7 +404,7 @@ def test_worker_dead_letters_a_message_after_max_attempts(server):
         'x-amqprun-routing-key': 'test.routing',
         'x-amqprun-exchange': 'amq.topic'}
     assert server.channel.names[-3:] == ['basic_ack', 'publish', 'tx_commit']
-    assert pool.stats == {'failed': 2, 'retried': 1, 'dead-lettered': 1}
+    assert outcomes == ['retried', 'dead-lettered']
 
 
 def test_worker_dead_letters_to_the_configured_exchange(server):
@@ -386,7 +425,7 @@ def test_worker_forgets_failures_of_a_handled_message(server):
         'Reject', 'Commit', 'Reject']
 
 
-def test_worker_requeues_when_dead_letter_commit_fails(caplog):
+def test_worker_requeues_when_dead_letter_commit_fails(caplog, outcomes):
     server = FakeServer(outcomes=[CommitFailed('no')])
     pool = dead_letter_pool(server)
     pool.failures.record(received_message())
@@ -396,7 +435,7 @@ def test_worker_requeues_when_dead_letter_commit_fails(caplog):
     assert isinstance(commit, Commit)
     assert isinstance(reject, Reject)
     assert 'Could not dead-letter message <orig@example>' in caplog.messages
-    assert 'dead-lettered' not in pool.stats
+    assert outcomes == ['retried']
 
 
 def test_worker_uses_the_retry_policy_of_the_handler(worker, server):
@@ -413,52 +452,6 @@ def test_worker_counts_quorum_queue_delivery_count_as_attempts(server):
         headers={'x-delivery-count': 1})))
     [op] = server.ops
     assert isinstance(op, Commit)
-
-
-def test_retry_policy_default_never_gives_up():
-    policy = RetryPolicy()
-    assert policy.delay == 1.0
-    assert policy.max_attempts == 0
-    assert policy.dead_letter_routing_key is None
-    assert policy.dead_letter_exchange == 'amq.topic'
-    assert not policy.gives_up(1000)
-
-
-def test_retry_policy_without_dead_letter_key_never_gives_up():
-    assert not RetryPolicy(max_attempts=1).gives_up(5)
-
-
-def test_retry_policy_gives_up_after_max_attempts():
-    policy = RetryPolicy(max_attempts=3, dead_letter_routing_key='dead')
-    assert not policy.gives_up(2)
-    assert policy.gives_up(3)
-    assert policy.gives_up(4)
-
-
-def test_retry_policy_converts_its_settings():
-    policy = RetryPolicy(delay='2', max_attempts='3')
-    assert policy.delay == 2.0
-    assert policy.max_attempts == 3
-
-
-def test_failure_counter_counts_per_message_id():
-    counter = FailureCounter()
-    assert counter.record(received_message(message_id='a')) == 1
-    assert counter.record(received_message(message_id='a')) == 2
-    assert counter.record(received_message(message_id='b')) == 1
-    counter.forget(received_message(message_id='a'))
-    assert counter.record(received_message(message_id='a')) == 1
-
-
-def test_failure_counter_without_message_id_uses_routing_key_and_body():
-    counter = FailureCounter()
-    assert counter.record(received_message(b'x', message_id=None)) == 1
-    assert counter.record(received_message(b'x', message_id=None)) == 2
-    assert counter.record(received_message(b'y', message_id=None)) == 1
-
-
-def test_failure_counter_forgetting_an_unknown_message_is_fine():
-    FailureCounter().forget(received_message())
 
 
 # -- security ----------------------------------------------------------------
@@ -529,7 +522,7 @@ def test_pool_starts_and_stops_its_worker_threads(server):
     assert not any(worker.is_alive() for worker in pool.workers)
 
 
-def test_pool_workers_handle_queued_tasks(server):
+def test_pool_workers_handle_queued_tasks(server, outcomes):
     handled = []
     pool = WorkerPool(server, 2)
     for _ in range(4):
@@ -538,21 +531,9 @@ def test_pool_workers_handle_queued_tasks(server):
     server.tasks.join()
     pool.stop(10)
     assert len(handled) == 4
-    assert pool.stats == {'handled': 4}
+    assert outcomes == ['handled'] * 4
 
 
 def test_pool_default_policy_loses_nothing(server):
     policy = WorkerPool(server, 1).policy
     assert not policy.gives_up(10 ** 6)
-
-
-def test_pool_summary_counts_outcomes(pool):
-    assert pool.summary() == (
-        'handled 0, failed 0, retried 0, dead-lettered 0')
-    pool.record('handled')
-    pool.record('handled')
-    pool.record('failed')
-    pool.record('retried')
-    pool.record('dead-lettered')
-    assert pool.summary() == (
-        'handled 2, failed 1, retried 1, dead-lettered 1')
