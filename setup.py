@@ -26,7 +26,6 @@ setup(
     classifiers=[
         'Development Status :: 4 - Beta',
         'Framework :: Zope :: 3',
-        'License :: OSI Approved :: Zope Public License',
         'Programming Language :: Python :: 3',
         'Programming Language :: Python :: 3 :: Only',
         'Programming Language :: Python :: 3.11',

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PROGRAM = 'amqprun-send'
 
 
-class SendFailed(Exception):
+class SendFailed(gocept.amqprun.interfaces.AMQPRunError):
     """The message could not be published (the text says why)."""
 
 

@@ -117,3 +117,10 @@ def settings(message):
     _record(message)
     value = settings.settings.get(message.body.decode())
     return [reply(value)]
+
+
+@gocept.amqprun.handler.declare('test.queue.clash', 'test.clash')
+def classic_on_a_quorum_queue(message):
+    """Declares a classic queue; the tests make it exist as a quorum queue.
+    """
+    return []  # pragma: no cover (never consumes: the declare is refused)

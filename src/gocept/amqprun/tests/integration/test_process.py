@@ -129,3 +129,25 @@ def test_two_handlers_on_one_queue_is_a_configuration_error(
     result = server(config)
     assert result.returncode == 1
     assert "Queue 'test.queue' is bound to two handlers" in result.stdout
+
+
+def test_queue_existing_with_other_arguments_is_one_critical_line(
+        tmp_path, amqp_broker, amqp_vhost, amqp_client):
+    amqp_client.channel.queue_declare(
+        'test.queue.clash', durable=True,
+        arguments={'x-queue-type': 'quorum'})
+    config = write(tmp_path, """
+<configure xmlns="http://namespaces.zope.org/zope">
+  <include package="gocept.amqprun" />
+  <utility name="clash" component=
+    "gocept.amqprun.tests.integration.handlers.classic_on_a_quorum_queue" />
+</configure>""", amqp_broker, amqp_vhost)
+    result = server(config)
+    assert result.returncode == 1
+    critical = [line for line in result.stdout.splitlines()
+                if 'CRITICAL' in line]
+    assert len(critical) == 1
+    assert "The broker refused queue 'test.queue.clash'" in critical[0]
+    assert 'PRECONDITION_FAILED' in critical[0]
+    assert 'Cannot connect' not in result.stdout
+    amqp_client.channel.queue_delete('test.queue.clash')

@@ -16,6 +16,7 @@ import zope.component
 import zope.interface.verify
 
 import gocept.amqprun.datamanager
+import gocept.amqprun.topology
 from gocept.amqprun.channelops import Commit
 from gocept.amqprun.channelops import Reject
 from gocept.amqprun.connection import Parameters
@@ -25,6 +26,7 @@ from gocept.amqprun.interfaces import BrokerUnreachable
 from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import ConfigurationError
 from gocept.amqprun.interfaces import ConnectionLost
+from gocept.amqprun.interfaces import DeclareRefused
 from gocept.amqprun.interfaces import IHandler
 from gocept.amqprun.interfaces import ILoop
 from gocept.amqprun.interfaces import ISender
@@ -568,6 +570,33 @@ def test_start_stops_at_once_when_the_broker_refuses_access(
     assert "'user'" in str(server.error)
     assert "'vhost'" in str(server.error)
     assert len(fake_amqp.instances) == 1
+
+
+def test_declare_refused_after_a_reconnect_is_fatal_without_retry(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    register('one', 'queue.1', 'a')
+    declares = []
+
+    def declare(channel, handlers):
+        declares.append(channel)
+        if len(declares) > 1:
+            raise DeclareRefused("The broker refused queue 'queue.1': "
+                                 "PRECONDITION_FAILED")
+    monkeypatch.setattr(gocept.amqprun.topology, 'declare', declare)
+    server = make_server(reconnect_delay=0)
+    monkeypatch.setattr(server, '_serve', lambda: (_ for _ in ()).throw(
+        ConnectionResetError('reset')))
+    try:
+        with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+            server.start()
+    finally:
+        close_server(server)
+    assert isinstance(server.error, DeclareRefused)
+    assert len(fake_amqp.instances) == 2
+    critical = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.CRITICAL]
+    assert critical == ["The broker refused queue 'queue.1': "
+                        "PRECONDITION_FAILED"]
 
 
 def test_start_after_stop_returns_at_once(fake_amqp, keep_thread_name):
