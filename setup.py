@@ -64,7 +64,7 @@ setup(
             'amqprun-send = gocept.amqprun.send:main',
         ],
         'pytest11': [
-            'gocept.amqprun.testing = gocept.amqprun.testing',
+            'gocept.amqprun.testing.pytest = gocept.amqprun.testing.pytest',
         ],
     },
 )

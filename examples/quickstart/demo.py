@@ -16,7 +16,7 @@ import time
 
 import amqp
 
-import gocept.amqprun.rabbitmq
+import gocept.amqprun.testing.broker
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,9 +31,8 @@ def broker_from_environment():
             username=os.environ.get('AMQP_USERNAME', 'guest'),
             password=os.environ.get('AMQP_PASSWORD', 'guest'),
             virtual_host=os.environ.get('AMQP_VIRTUALHOST', '/'))
-    gocept.amqprun.rabbitmq.ensure_installed()
     print('Starting a private RabbitMQ node on 127.0.0.1 ...', flush=True)
-    node = gocept.amqprun.rabbitmq.RabbitMQNode()
+    node = gocept.amqprun.testing.broker.RabbitMQNode()
     node.start()
     return node, dict(hostname=node.hostname, port=node.port,
                       username=node.username, password=node.password,

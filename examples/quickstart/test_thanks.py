@@ -2,7 +2,7 @@
 
 Run them with ``pytest examples/quickstart`` (the ``testing`` extra
 installs the plugin that provides the ``amqp_*`` fixtures; without it, put
-``pytest_plugins = ['gocept.amqprun.testing']`` into your top-level
+``pytest_plugins = ['gocept.amqprun.testing.pytest']`` into your top-level
 ``conftest.py``). They use the broker named by ``AMQP_HOSTNAME`` & co.,
 or start a private RabbitMQ node on 127.0.0.1.
 """

@@ -298,8 +298,9 @@ def test_test_cases_run_with_zope_testrunner_in_the_broker_layer(
         cwd=tmp_path, env=broker_environment(amqp_broker, amqp_vhost),
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert 'Set up gocept.amqprun.testing.BrokerLayer' in result.stdout
-    assert 'Tear down gocept.amqprun.testing.BrokerLayer' in result.stdout
+    assert 'Set up gocept.amqprun.testing.layers.BrokerLayer' in result.stdout
+    assert ('Tear down gocept.amqprun.testing.layers.BrokerLayer'
+            in result.stdout)
     assert 'Ran 2 tests with 0 failures, 0 errors' in result.stdout
 
 
@@ -325,11 +326,13 @@ def test_handler(amqp_main, amqp_client):
 '''
 
 
+@pytest.mark.parametrize('plugin', ['gocept.amqprun.testing.pytest',
+                                    'gocept.amqprun.testing'])
 @pytest.mark.parametrize('autoload', ['entry point', 'conftest only'])
 def test_plugin_works_from_a_conftest_with_or_without_the_entry_point(
-        amqp_broker, amqp_vhost, tmp_path, autoload):
+        amqp_broker, amqp_vhost, tmp_path, autoload, plugin):
     (tmp_path / 'conftest.py').write_text(
-        "pytest_plugins = ['gocept.amqprun.testing']\n")
+        "pytest_plugins = [%r]\n" % plugin)
     (tmp_path / 'test_user.py').write_text(USER_PYTEST_TESTS)
     env = broker_environment(amqp_broker, amqp_vhost)
     if autoload == 'conftest only':
@@ -345,3 +348,24 @@ def test_plugin_works_from_a_conftest_with_or_without_the_entry_point(
 def test_no_thread_of_the_daemon_outlives_a_test():
     assert not [thread for thread in threading.enumerate()
                 if thread.name.startswith('amqprun-')]
+
+
+# -- the package -------------------------------------------------------------
+
+def test_importing_the_package_needs_no_pytest():
+    code = ('import sys; sys.modules["pytest"] = None; '
+            'import gocept.amqprun.testing as t; '
+            'print(t.QueueTestCase.__name__, t.wait_for.__name__)')
+    result = subprocess.run(
+        [sys.executable, '-c', code], capture_output=True, text=True,
+        env=gocept.amqprun.testing.subprocess_environment(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['QueueTestCase', 'wait_for']
+
+
+def test_the_fixtures_can_still_be_imported_from_the_package():
+    from gocept.amqprun.testing import amqp_client
+    import gocept.amqprun.testing.pytest
+    assert amqp_client is gocept.amqprun.testing.pytest.amqp_client
+    with pytest.raises(AttributeError, match='no attribute'):
+        gocept.amqprun.testing.no_such_name

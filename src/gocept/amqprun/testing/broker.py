@@ -1,14 +1,21 @@
-"""A private, loopback-only RabbitMQ node for tests and the quick start.
+"""The broker of a test run: a private RabbitMQ node or one of your own.
 
-Runs on: the thread that creates the node (a test session or the quick
-start script); it starts and stops child processes and never touches AMQP
-itself.
+Runs on: the test's thread (a test session, a layer, the quick start
+script); it starts and stops child processes and runs ``rabbitmqctl``, but
+never speaks AMQP itself.
 
 :class:`RabbitMQNode` runs Debian's ``rabbitmq-server`` as a child process
 whose every file (database, logs, cookie, configuration) lives in one
 directory and whose every port (AMQP, Erlang distribution, epmd) is bound
 to 127.0.0.1. The system broker, ``/etc/rabbitmq`` and ``/var/lib/rabbitmq``
-are neither used nor touched, and no process is ever stopped by name.
+are neither used nor touched, and no process is ever stopped by name. The
+package must be installed beforehand (``apt-get install rabbitmq-server``;
+``./dev.sh`` does it); this module never installs anything.
+
+:class:`Broker` is what tests use: connection settings plus virtual host
+administration, for the broker named by ``AMQP_*`` variables or for a
+private node. :func:`get_broker` gives the one broker of a test run and
+:func:`stop_broker` stops it.
 """
 import atexit
 import glob
@@ -16,6 +23,7 @@ import itertools
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -23,6 +31,9 @@ import string
 import subprocess
 import tempfile
 import time
+import uuid
+
+import gocept.amqprun.connection
 
 
 log = logging.getLogger(__name__)
@@ -44,34 +55,13 @@ LOG_TAIL_LINES = 40
 _node_numbers = itertools.count(1)
 
 
-def ensure_installed():
-    """Install Debian's ``rabbitmq-server`` package unless it is present.
-
-    Runs ``apt-get`` only when running as root; anybody else gets a
-    :class:`RuntimeError` naming the package to install. A failing
-    ``apt-get`` raises :class:`RuntimeError` with its output.
+def require_rabbitmq_server():
+    """Raise RuntimeError naming the package when rabbitmq-server is missing.
     """
-    if os.path.exists(RABBITMQ_SERVER):
-        return
-    if os.geteuid() != 0:
+    if not os.path.exists(RABBITMQ_SERVER):
         raise RuntimeError(
-            '%s is missing: install it as root with '
-            '`apt-get install rabbitmq-server`' % RABBITMQ_SERVER)
-    log.info('Installing rabbitmq-server with apt-get')
-    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-    _apt_get(['update'], env)
-    _apt_get(['install', '-y', '--no-install-recommends', 'rabbitmq-server'],
-             env)
-
-
-def _apt_get(args, env):
-    """Run ``apt-get`` with `args`; raise RuntimeError when it fails."""
-    result = subprocess.run(
-        ['apt-get'] + args, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if result.returncode != 0:
-        raise RuntimeError('apt-get %s failed: %s' % (
-            ' '.join(args), result.stdout.strip()))
+            'rabbitmq-server is not installed (%s is missing): '
+            'apt-get install rabbitmq-server' % RABBITMQ_SERVER)
 
 
 class RabbitMQNode:
@@ -143,11 +133,7 @@ class RabbitMQNode:
         if self._epmd is not None or self._server is not None:
             raise RuntimeError('RabbitMQ node %s is already running'
                                % self.nodename)
-        if not os.path.exists(RABBITMQ_SERVER):
-            raise RuntimeError(
-                '%s is missing: install the rabbitmq-server package '
-                '(see gocept.amqprun.rabbitmq.ensure_installed)'
-                % RABBITMQ_SERVER)
+        require_rabbitmq_server()
         atexit.register(self.stop)
         began = time.monotonic()
         try:
@@ -455,3 +441,108 @@ def _write(path, text):
     """Write `text` to the file at `path`."""
     with open(path, 'w') as f:
         f.write(text)
+
+
+class Broker:
+    """Connection settings of a broker plus virtual host administration."""
+
+    def __init__(self, hostname, port, username, password,
+                 virtual_host=None, node=None):
+        self.hostname = hostname
+        self.port = port
+        self.username = username
+        self.password = password
+        #: A fixed virtual host to use instead of a fresh one per module.
+        self.virtual_host = virtual_host
+        self.node = node
+
+    @classmethod
+    def from_environment(cls):
+        """The broker named by ``AMQP_*`` variables, or None."""
+        hostname = os.environ.get('AMQP_HOSTNAME')
+        if not hostname:
+            return None
+        return cls(hostname, int(os.environ.get('AMQP_PORT', 5672)),
+                   os.environ.get('AMQP_USERNAME', 'guest'),
+                   os.environ.get('AMQP_PASSWORD', 'guest'),
+                   os.environ.get('AMQP_VIRTUALHOST'))
+
+    @classmethod
+    def start_private_node(cls, **kw):
+        """Start a private loopback RabbitMQ node (stop it with stop())."""
+        node = RabbitMQNode(**kw)
+        node.start()
+        return cls(node.hostname, node.port, node.username, node.password,
+                   node=node)
+
+    def stop(self):
+        """Stop the private node, if this broker is one."""
+        if self.node is not None:
+            self.node.stop()
+
+    def create_vhost(self):
+        """Return a fresh virtual host (or the fixed one)."""
+        if self.virtual_host:
+            return self.virtual_host
+        name = 'test.%s' % uuid.uuid4().hex[:12]
+        self.ctl('add_vhost', name)
+        self.ctl('set_permissions', '-p', name, self.username,
+                 '.*', '.*', '.*')
+        return name
+
+    def delete_vhost(self, name):
+        """Delete a virtual host made by :meth:`create_vhost`."""
+        if name != self.virtual_host:
+            self.ctl('delete_vhost', name)
+
+    def ctl(self, *args):
+        """Run ``rabbitmqctl`` with ``args`` against this broker; return its
+        output.
+
+        A private node runs its own; for a broker of your own,
+        ``AMQP_RABBITMQCTL`` names the command (default ``rabbitmqctl``).
+        Raises RuntimeError when the command fails.
+        """
+        if self.node is not None:
+            return self.node.ctl(*args)
+        command = shlex.split(
+            os.environ.get('AMQP_RABBITMQCTL', 'rabbitmqctl')) + list(args)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError('%s failed: %s' % (
+                ' '.join(command), result.stdout + result.stderr))
+        return result.stdout
+
+    _ctl = ctl
+
+    def parameters(self, virtual_host, **kw):
+        """:class:`gocept.amqprun.connection.Parameters` for a vhost."""
+        return gocept.amqprun.connection.Parameters(
+            hostname=self.hostname, port=self.port, username=self.username,
+            password=self.password, virtual_host=virtual_host, **kw)
+
+    def config_mapping(self, virtual_host):
+        """The ``amqp_*`` substitutions for configuration templates."""
+        return dict(amqp_hostname=self.hostname, amqp_port=self.port,
+                    amqp_username=self.username,
+                    amqp_password=self.password,
+                    amqp_virtualhost=virtual_host)
+
+
+_broker = None
+
+
+def get_broker():
+    """The broker of this test run (started on first use)."""
+    global _broker
+    if _broker is None:
+        _broker = Broker.from_environment() or Broker.start_private_node()
+    return _broker
+
+
+def stop_broker():
+    """Stop the private broker of this test run, if one was started."""
+    global _broker
+    if _broker is not None:
+        _broker.stop()
+        _broker = None

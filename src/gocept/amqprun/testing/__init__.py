@@ -1,0 +1,94 @@
+"""Test support for gocept.amqprun and for its users' test suites.
+
+Runs on: the test's thread (plus the daemon's threads that
+:mod:`~gocept.amqprun.testing.daemon` starts and joins again).
+
+Everything runs against a real broker: the one named by ``AMQP_HOSTNAME``,
+``AMQP_PORT``, ``AMQP_USERNAME``, ``AMQP_PASSWORD`` (and, to use an existing
+virtual host instead of fresh ones, ``AMQP_VIRTUALHOST``), or else a
+private loopback RabbitMQ node started once per test run (Debian's
+``rabbitmq-server`` package must be installed). Fresh virtual hosts are made
+with ``rabbitmqctl`` (``AMQP_RABBITMQCTL`` names the command for a broker of
+your own).
+
+One module per audience; this package re-exports their public names, so
+``gocept.amqprun.testing.QueueTestCase`` and friends work as they always
+did, and importing it needs no pytest:
+
+:mod:`~gocept.amqprun.testing.broker`
+    The broker of a test run: :class:`Broker`, :func:`get_broker`,
+    :func:`stop_broker`, and :class:`RabbitMQNode`, a private loopback
+    RabbitMQ node.
+:mod:`~gocept.amqprun.testing.client`
+    The other side of the daemon: :class:`Client` (send, expect, wait),
+    :class:`QueueProbe`, :func:`wait_for`, :func:`wait_until_settled`.
+:mod:`~gocept.amqprun.testing.daemon`
+    Running the daemon: :func:`site_zcml`, :func:`make_config`,
+    :func:`write_config`, :class:`MainThread` (``main()`` in a thread),
+    :class:`ServerProcess` (the ``server`` script), :class:`LoggingState`,
+    :func:`reset_registry`.
+:mod:`~gocept.amqprun.testing.pytest`
+    The pytest plugin (entry point ``gocept.amqprun.testing.pytest``):
+    ``amqp_broker``, ``amqp_vhost``, ``amqp_parameters``, ``amqp_client``,
+    ``clean_registry``, ``amqp_config``, ``amqp_main``,
+    ``amqp_server_process``.
+:mod:`~gocept.amqprun.testing.layers`
+    unittest and zope.testrunner: :class:`BrokerLayer`,
+    :class:`QueueTestCase`, :class:`MainTestCase`.
+"""
+from gocept.amqprun.testing.broker import Broker
+from gocept.amqprun.testing.broker import RabbitMQNode
+from gocept.amqprun.testing.broker import get_broker
+from gocept.amqprun.testing.broker import stop_broker
+from gocept.amqprun.testing.client import Client
+from gocept.amqprun.testing.client import QueueProbe
+from gocept.amqprun.testing.client import wait_for
+from gocept.amqprun.testing.client import wait_until_settled
+from gocept.amqprun.testing.daemon import CONFIG_TEMPLATE
+from gocept.amqprun.testing.daemon import LoggingState
+from gocept.amqprun.testing.daemon import MainThread
+from gocept.amqprun.testing.daemon import ServerProcess
+from gocept.amqprun.testing.daemon import handler_queues
+from gocept.amqprun.testing.daemon import log_path_of
+from gocept.amqprun.testing.daemon import make_config
+from gocept.amqprun.testing.daemon import reset_registry
+from gocept.amqprun.testing.daemon import script
+from gocept.amqprun.testing.daemon import site_zcml
+from gocept.amqprun.testing.daemon import subprocess_environment
+from gocept.amqprun.testing.daemon import write_config
+from gocept.amqprun.testing.layers import BROKER_LAYER
+from gocept.amqprun.testing.layers import QUEUE_LAYER
+from gocept.amqprun.testing.layers import BrokerLayer
+from gocept.amqprun.testing.layers import MainTestCase
+from gocept.amqprun.testing.layers import QueueTestCase
+
+
+__all__ = [
+    'BROKER_LAYER', 'Broker', 'BrokerLayer', 'CONFIG_TEMPLATE', 'Client',
+    'LoggingState', 'MainTestCase', 'MainThread', 'QUEUE_LAYER',
+    'QueueProbe', 'QueueTestCase', 'RabbitMQNode', 'ServerProcess',
+    'get_broker', 'handler_queues', 'log_path_of', 'make_config',
+    'reset_registry', 'script', 'site_zcml', 'stop_broker',
+    'subprocess_environment', 'wait_for', 'wait_until_settled',
+    'write_config',
+]
+
+#: pytest reads this when the package itself is named as a plugin
+#: (``pytest_plugins = ['gocept.amqprun.testing']``, as before the split).
+pytest_plugins = ['gocept.amqprun.testing.pytest']
+
+#: The fixtures, importable from here as before; looked up on first use
+#: (see :func:`__getattr__`) so that importing the package needs no pytest.
+FIXTURES = (
+    'amqp_broker', 'amqp_vhost', 'amqp_parameters', 'amqp_client',
+    'clean_registry', 'amqp_config', 'amqp_main', 'amqp_server_process',
+)
+
+
+def __getattr__(name):
+    """Give the fixtures of the pytest plugin (PEP 562), importing pytest
+    only then."""
+    if name in FIXTURES:
+        import gocept.amqprun.testing.pytest
+        return getattr(gocept.amqprun.testing.pytest, name)
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))

@@ -1,0 +1,134 @@
+"""The pytest plugin of gocept.amqprun.testing: fixtures.
+
+Runs on: the test's thread. The fixtures that start the daemon
+(:func:`amqp_main`, :func:`amqp_server_process`) stop it after the test and
+fail the test if one of its threads survives.
+
+Registered through the ``pytest11`` entry point
+``gocept.amqprun.testing.pytest`` (the ``testing`` extra); where plugins
+are not loaded automatically (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), name it
+in your top-level ``conftest.py``: ``pytest_plugins =
+['gocept.amqprun.testing.pytest']`` (``'gocept.amqprun.testing'`` works
+too: the package names this module in its own ``pytest_plugins``).
+
+Fixtures: ``amqp_broker`` (the run's :class:`Broker`, session scope),
+``amqp_vhost`` (a fresh virtual host per test module), ``amqp_parameters``,
+``amqp_client`` (a :class:`Client`: send, expect, wait),
+``clean_registry`` and the factories ``amqp_config``, ``amqp_main`` (the
+real ``main()`` in a thread, a :class:`MainThread`) and
+``amqp_server_process`` (the ``server`` script in a subprocess, a
+:class:`ServerProcess`).
+"""
+import pytest
+
+from gocept.amqprun.testing.broker import get_broker
+from gocept.amqprun.testing.broker import stop_broker
+from gocept.amqprun.testing.client import Client
+from gocept.amqprun.testing.daemon import MainThread
+from gocept.amqprun.testing.daemon import ServerProcess
+from gocept.amqprun.testing.daemon import log_path_of
+from gocept.amqprun.testing.daemon import make_config
+from gocept.amqprun.testing.daemon import reset_registry
+
+
+@pytest.fixture(scope='session')
+def amqp_broker():
+    """The :class:`Broker` of this test run."""
+    yield get_broker()
+    stop_broker()
+
+
+@pytest.fixture(scope='module')
+def amqp_vhost(amqp_broker):
+    """A fresh virtual host for the test module (its name)."""
+    name = amqp_broker.create_vhost()
+    yield name
+    amqp_broker.delete_vhost(name)
+
+
+@pytest.fixture
+def amqp_parameters(amqp_broker, amqp_vhost):
+    """:class:`gocept.amqprun.connection.Parameters` for the module's
+    virtual host."""
+    return amqp_broker.parameters(amqp_vhost)
+
+
+@pytest.fixture
+def amqp_client(amqp_broker, amqp_vhost):
+    """A :class:`Client` on the module's virtual host."""
+    client = Client(amqp_broker, amqp_vhost)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def clean_registry():
+    """A fresh global component registry for the test."""
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
+def amqp_config(amqp_broker, amqp_vhost, tmp_path):
+    """Factory: ``amqp_config(zcml, workers=2, ...)`` -> config path.
+
+    Writes the site ZCML and a config file for the module's virtual
+    host into ``tmp_path``; see :func:`make_config` for the keywords.
+    """
+    names = ('amqprun-%d' % number for number in range(1, 1000))
+
+    def write(zcml, **kw):
+        kw.setdefault('name', next(names))
+        return make_config(str(tmp_path), amqp_broker, amqp_vhost, zcml,
+                           **kw)
+    return write
+
+
+@pytest.fixture
+def amqp_main(amqp_config, clean_registry):
+    """Factory: ``amqp_main(zcml, workers=2, ...)`` runs ``main()``.
+
+    Takes the keywords of :func:`make_config`. Returns a started
+    :class:`MainThread`; it is stopped after the test (and the test
+    fails if it does not stop).
+    """
+    started = []
+
+    def start(zcml, **kw):
+        config = amqp_config(zcml, **kw)
+        runner = MainThread(config, log_path=log_path_of(config, kw))
+        started.append(runner)
+        return runner.start()
+
+    yield start
+    for runner in started:
+        if runner.thread.is_alive():
+            runner.stop()
+
+
+@pytest.fixture
+def amqp_server_process(amqp_broker, amqp_vhost, amqp_config):
+    """Factory: ``amqp_server_process(zcml, workers=2, ...)`` runs the
+    ``server`` script in a subprocess, logging to its output.
+
+    Returns a started :class:`ServerProcess` (pass ``wait=False`` not
+    to wait for ``Process started``); it is stopped after the test.
+    """
+    started = []
+
+    def start(zcml, wait=True, env=None, **kw):
+        kw.setdefault('log_path', 'STDOUT')
+        process = ServerProcess(amqp_config(zcml, **kw), env=env,
+                                broker=amqp_broker,
+                                virtual_host=amqp_vhost)
+        started.append(process)
+        return process.start(wait=wait)
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            try:
+                process.stop(30)
+            finally:
+                process.kill()
