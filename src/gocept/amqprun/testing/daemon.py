@@ -345,10 +345,7 @@ class ServerProcess:
     @property
     def command(self):
         """The command line: ``main()`` of this Python's gocept.amqprun."""
-        # Not ``-m gocept.amqprun.main``: that would run a second copy of
-        # the module, whose request_stop() the rest of the process misses.
-        return [sys.executable, '-c',
-                'import gocept.amqprun.main; gocept.amqprun.main.main()',
+        return [sys.executable, '-m', 'gocept.amqprun.main',
                 self.config_path]
 
     @property

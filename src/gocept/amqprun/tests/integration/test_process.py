@@ -134,7 +134,7 @@ def test_two_handlers_on_one_queue_is_a_configuration_error(
 def test_queue_existing_with_other_arguments_is_one_critical_line(
         tmp_path, amqp_broker, amqp_vhost, amqp_client):
     amqp_client.channel.queue_declare(
-        'test.queue.clash', durable=True,
+        'test.queue.clash', durable=True, auto_delete=False,
         arguments={'x-queue-type': 'quorum'})
     config = write(tmp_path, """
 <configure xmlns="http://namespaces.zope.org/zope">
