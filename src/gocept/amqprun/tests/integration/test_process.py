@@ -103,17 +103,25 @@ def write(tmp_path, zcml, amqp_broker, amqp_vhost):
         str(tmp_path), zcml, gocept.amqprun.testing.CONFIG_TEMPLATE, mapping)
 
 
-def test_zcml_error_names_the_file_and_exits_non_zero(
-        tmp_path, amqp_broker, amqp_vhost):
-    config = write(tmp_path, '<configure><utility component="no.such.x"/>'
-                   '</configure>', amqp_broker, amqp_vhost)
+def the_critical_line_of_a_failed_start(config):
+    """Run the server script, which must fail: return its one CRITICAL line.
+    """
     result = server(config)
     assert result.returncode == 1
     critical = [line for line in result.stdout.splitlines()
                 if 'CRITICAL' in line]
-    assert len(critical) == 1
-    assert 'Invalid ZCML file' in critical[0]
-    assert 'site.zcml' in critical[0]
+    assert len(critical) == 1, result.stdout
+    assert 'Cannot connect' not in result.stdout
+    return critical[0]
+
+
+def test_zcml_error_names_the_file_and_exits_non_zero(
+        tmp_path, amqp_broker, amqp_vhost):
+    config = write(tmp_path, '<configure><utility component="no.such.x"/>'
+                   '</configure>', amqp_broker, amqp_vhost)
+    critical = the_critical_line_of_a_failed_start(config)
+    assert 'Invalid ZCML file' in critical
+    assert 'site.zcml' in critical
 
 
 def test_two_handlers_on_one_queue_is_a_configuration_error(
@@ -142,12 +150,7 @@ def test_queue_existing_with_other_arguments_is_one_critical_line(
   <utility name="clash" component=
     "gocept.amqprun.tests.integration.handlers.classic_on_a_quorum_queue" />
 </configure>""", amqp_broker, amqp_vhost)
-    result = server(config)
-    assert result.returncode == 1
-    critical = [line for line in result.stdout.splitlines()
-                if 'CRITICAL' in line]
-    assert len(critical) == 1
-    assert "The broker refused queue 'test.queue.clash'" in critical[0]
-    assert 'PRECONDITION_FAILED' in critical[0]
-    assert 'Cannot connect' not in result.stdout
+    critical = the_critical_line_of_a_failed_start(config)
+    assert "The broker refused queue 'test.queue.clash'" in critical
+    assert 'PRECONDITION_FAILED' in critical
     amqp_client.channel.queue_delete('test.queue.clash')
