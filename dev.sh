@@ -3,6 +3,7 @@
 #
 #   ./dev.sh demo            run the README's example daemon end to end
 #   ./dev.sh test [ARGS]     run the whole test suite (ARGS go to pytest)
+#   ./dev.sh docs            build the documentation (docs/_build/html)
 #   ./dev.sh bench [ARGS]    run the throughput benchmark
 #
 # Installs what is missing first: Debian's rabbitmq-server (as root) and a
@@ -32,14 +33,16 @@ install_system_packages() {
     fi
 }
 
+# install_venv [EXTRAS]: .venv with gocept.amqprun[EXTRAS], editable.
 install_venv() {
+    local extras=${1:-test,security,testing}
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    local stamp="$VENV/.installed"
+    local stamp="$VENV/.installed-${extras//,/-}"
     if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e '.[test,security,testing]'
+        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
         touch "$stamp"
     fi
 }
@@ -56,6 +59,15 @@ case "$command" in
         install_system_packages
         install_venv
         PATH="$PWD/$VENV/bin:$PATH" exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    docs)
+        "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
+            || install_system_packages
+        install_venv docs
+        rm -rf docs/_build
+        "$VENV/bin/sphinx-build" -W -q -b html docs docs/_build/html
+        "$VENV/bin/sphinx-build" -W -q -b doctest docs docs/_build/doctest
+        echo "dev.sh: the documentation is in docs/_build/html/index.html"
         ;;
     bench)
         install_system_packages

@@ -13,6 +13,8 @@ def read(*names):
 
 
 TESTING = ['pytest', 'pytest-timeout']
+TEST = TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner']
+DOCS = ['Sphinx', 'repoze.sphinx.autointerface']
 
 setup(
     name='gocept.amqprun',
@@ -57,7 +59,8 @@ setup(
         'writefiles': [],
         'readfiles': [],
         'testing': TESTING,
-        'test': TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner'],
+        'test': TEST,
+        'docs': DOCS,
     },
     entry_points={
         'console_scripts': [
