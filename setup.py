@@ -13,7 +13,9 @@ def read(*names):
 
 
 TESTING = ['pytest', 'pytest-timeout']
-TEST = TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner']
+# ``patch = subprocess`` (see .coveragerc) needs coverage 7.10.
+TEST = TESTING + ['coverage >= 7.10', 'zope.security', 'zc.buildout',
+                  'zope.testrunner']
 DOCS = ['Sphinx', 'repoze.sphinx.autointerface']
 
 setup(
