@@ -3,10 +3,19 @@
 #
 #   ./dev.sh demo            run the README's example daemon end to end
 #   ./dev.sh test [ARGS]     run the whole test suite (ARGS go to pytest)
+#   ./dev.sh docs            build the documentation (docs/_build/html)
 #   ./dev.sh bench [ARGS]    run the throughput benchmark
 #
 # Installs what is missing first: Debian's rabbitmq-server (as root) and a
 # virtualenv in .venv with gocept.amqprun and its test dependencies.
+#
+# Coverage: `./dev.sh test` without ARGS (what .ci/run calls) measures line
+# and branch coverage of the whole run, subprocesses included (.coveragerc),
+# prints what is not covered and fails below its fail_under. With ARGS it
+# runs pytest alone, for quick targeted runs; COVERAGE=1 (or CI=true)
+# measures those too (report only: a part proves no threshold), COVERAGE=0
+# never measures. The exit status is pytest's when tests fail, else the
+# coverage report's (2 below the threshold).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,16 +41,44 @@ install_system_packages() {
     fi
 }
 
+# install_venv [EXTRAS]: .venv with gocept.amqprun[EXTRAS], editable.
 install_venv() {
+    local extras=${1:-test,security,testing}
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    local stamp="$VENV/.installed"
+    local stamp="$VENV/.installed-${extras//,/-}"
     if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e '.[test,security,testing]'
+        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
         touch "$stamp"
     fi
+}
+
+run_tests() {
+    local measure=${COVERAGE:-}
+    if [ -z "$measure" ]; then
+        if [ $# -eq 0 ] || [ "${CI:-}" = true ]; then measure=1; else measure=0; fi
+    fi
+    if [ "$measure" != 1 ]; then
+        exec "$VENV/bin/python" -m pytest "$@"
+    fi
+    local coverage=("$VENV/bin/python" -m coverage)
+    local fail_under=()
+    [ $# -eq 0 ] || fail_under=(--fail-under=0)  # a part proves nothing
+    "${coverage[@]}" erase
+    local status=0
+    "${coverage[@]}" run -m pytest "$@" || status=$?
+    local report_status=0
+    if "${coverage[@]}" combine -q; then
+        "${coverage[@]}" report "${fail_under[@]}" || report_status=$?
+    else
+        report_status=1
+    fi
+    if [ "$status" = 0 ]; then
+        status=$report_status
+    fi
+    exit "$status"
 }
 
 command=${1:-}
@@ -55,7 +92,17 @@ case "$command" in
     test)
         install_system_packages
         install_venv
-        PATH="$PWD/$VENV/bin:$PATH" exec "$VENV/bin/python" -m pytest "$@"
+        export PATH="$PWD/$VENV/bin:$PATH"
+        run_tests "$@"
+        ;;
+    docs)
+        "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
+            || install_system_packages
+        install_venv docs
+        rm -rf docs/_build
+        "$VENV/bin/sphinx-build" -W -q -b html docs docs/_build/html
+        "$VENV/bin/sphinx-build" -W -q -b doctest docs docs/_build/doctest
+        echo "dev.sh: the documentation is in docs/_build/html/index.html"
         ;;
     bench)
         install_system_packages
@@ -63,7 +110,7 @@ case "$command" in
         PATH="$PWD/$VENV/bin:$PATH" exec "$VENV/bin/python" bench/throughput.py "$@"
         ;;
     *)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

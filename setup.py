@@ -13,6 +13,10 @@ def read(*names):
 
 
 TESTING = ['pytest', 'pytest-timeout']
+# ``patch = subprocess`` (see .coveragerc) needs coverage 7.10.
+TEST = TESTING + ['coverage >= 7.10', 'zope.security', 'zc.buildout',
+                  'zope.testrunner']
+DOCS = ['Sphinx', 'repoze.sphinx.autointerface']
 
 setup(
     name='gocept.amqprun',
@@ -56,7 +60,8 @@ setup(
         'writefiles': [],
         'readfiles': [],
         'testing': TESTING,
-        'test': TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner'],
+        'test': TEST,
+        'docs': DOCS,
     },
     entry_points={
         'console_scripts': [
