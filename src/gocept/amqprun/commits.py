@@ -43,7 +43,7 @@ class CommitQueue:
         self._sequence = itertools.count()
 
     def submit(self, op):
-        """Queue an :class:`IChannelOp`; any thread."""
+        """Queue an ``IChannelOp``; any thread."""
         self._ops.append(op)
 
     def poll_timeout(self, timeout, now=None):

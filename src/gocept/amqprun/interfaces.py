@@ -348,7 +348,7 @@ class IServer(ILoop, ISender):
         'stop sentinels on it.')
 
     def submit(op):
-        """Hand an :class:`IChannelOp` to the I/O thread.
+        """Hand an ``IChannelOp`` to the I/O thread.
 
         Called by a worker (commit, reject, dead letter) or a sending
         thread's data manager, which then blocks in ``op.wait()``. Returns
@@ -361,7 +361,7 @@ class IServer(ILoop, ISender):
 
     def handling(session):
         """Context manager: while it is active, ``send()`` from the calling
-        thread queues messages in ``session`` (an :class:`ISession`).
+        thread queues messages in ``session`` (an ``ISession``).
 
         Used by workers around a handler call so that ``ISender.send``
         inside a handler joins the handler's transaction. Restores the
@@ -406,7 +406,7 @@ class ISession(zope.interface.Interface):
         """Join the current transaction (at most once until reset)."""
 
     def commit_op():
-        """Return the ``Commit`` :class:`IChannelOp` for what is queued.
+        """Return the ``Commit`` ``IChannelOp`` for what is queued.
 
         Called by the data manager in ``commit``; sets correlation id and
         references of the queued messages to the received message.

@@ -48,7 +48,7 @@ def exit_status():
 
 
 class LoopState:
-    """The running flag of an :class:`ILoop`, for its implementations.
+    """The running flag of an ``ILoop``, for its implementations.
 
     The loop's own thread sets and clears ``_running``; any thread may ask.
     """

@@ -111,7 +111,7 @@ class Server(gocept.amqprun.process.LoopState):
         self._wake()
 
     def submit(self, op):
-        """Hand an :class:`IChannelOp` to the I/O thread."""
+        """Hand an ``IChannelOp`` to the I/O thread."""
         self.commits.submit(op)
         self._wake()
 
