@@ -79,11 +79,12 @@ class ErrorHandlingHandler:
 
     Subclasses set ``queue_name``, ``routing_key`` and ``error_routing_key``
     (and maybe ``exchange`` and ``binding_arguments``, as for
-    :class:`Handler`) and implement ``run()``, calling ``send(content, routing_key)`` for
-    results. When ``run()`` raises (anything but ``error_reraise``), the
-    handler's side effects are aborted, the received message is acknowledged
-    and one error message (``"<ExcClass>: <text>\\n<traceback>"``),
-    correlated with it, goes to ``error_routing_key`` instead.
+    :class:`Handler`) and implement ``run()``, calling ``send(content,
+    routing_key)`` for results. When ``run()`` raises (anything but
+    ``error_reraise``), the handler's side effects are aborted, the received
+    message is acknowledged and one error message
+    (``"<ExcClass>: <text>\\n<traceback>"``), correlated with it, goes to
+    ``error_routing_key`` instead.
 
     Register an instance (the prototype); each message gets a new instance.
     """

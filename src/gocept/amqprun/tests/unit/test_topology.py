@@ -213,7 +213,8 @@ def test_refused_exchange_declare_stops_before_any_queue():
     channel = FakeChannel(exchange_declare=amqp.exceptions.PreconditionFailed(
         'PRECONDITION_FAILED'))
     with pytest.raises(DeclareRefused):
-        declare(channel, [('one', handler('a'))], [Exchange('orders', 'topic')])
+        declare(channel, [('one', handler('a'))],
+                [Exchange('orders', 'topic')])
     assert channel.names == ['exchange_declare']
 
 
