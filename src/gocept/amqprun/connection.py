@@ -39,6 +39,12 @@ CONFIGURATION_REFUSALS = (
     amqp.exceptions.PreconditionFailed, amqp.exceptions.NotFound,
     amqp.exceptions.AccessRefused)
 
+#: The same for an exchange declare, plus the broker's answer to a type no
+#: enabled plugin provides (it closes the connection for that, but no
+#: reconnect can fix it).
+EXCHANGE_REFUSALS = CONFIGURATION_REFUSALS + (
+    amqp.exceptions.InvalidCommand,)
+
 #: The heartbeat we ask for when ``heartbeat_interval`` is 0. py-amqp turns
 #: heartbeats off for 0, but 0 means "take the broker's proposal" here (as
 #: in the 1.x line): the broker's value wins as the smaller one; a broker

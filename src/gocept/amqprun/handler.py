@@ -12,6 +12,7 @@ import zope.interface
 
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
+from gocept.amqprun.topology import DEFAULT_EXCHANGE
 
 
 log = logging.getLogger(__name__)
@@ -23,23 +24,27 @@ def _settings():
 
 @zope.interface.implementer(gocept.amqprun.interfaces.IHandler)
 class Handler:
-    """Binds ``handler_function`` to one queue and its routing key(s)."""
+    """Binds ``handler_function`` to one queue, bound to ``exchange`` with
+    its routing key(s)."""
 
     def __init__(self, queue_name, routing_key, handler_function,
-                 arguments=None, principal=None, retry_policy=None):
+                 arguments=None, principal=None, retry_policy=None,
+                 exchange=DEFAULT_EXCHANGE, binding_arguments=None):
         if not callable(handler_function):
             raise TypeError('handler_function not callable')
         self.queue_name = queue_name
         self.routing_key = routing_key
         self.handler_function = handler_function
         self.arguments = arguments
+        self.exchange = exchange
+        self.binding_arguments = binding_arguments
         self.principal = principal
         self.retry_policy = retry_policy
 
     def __repr__(self):
-        return '<Handler %s for %r on %r>' % (
+        return '<Handler %s for %r on %r via %r>' % (
             getattr(self.handler_function, '__name__', self.handler_function),
-            self.routing_key, self.queue_name)
+            self.routing_key, self.queue_name, self.exchange)
 
     @property
     def settings(self):
@@ -52,12 +57,14 @@ class Handler:
 
 
 def declare(queue_name, routing_key, arguments=None, principal=None,
-            retry_policy=None):
+            retry_policy=None, exchange=DEFAULT_EXCHANGE,
+            binding_arguments=None):
     """Decorator: turn a function into a :class:`Handler` for the queue."""
     def decorator(handler_function):
         return Handler(queue_name, routing_key, handler_function,
                        arguments=arguments, principal=principal,
-                       retry_policy=retry_policy)
+                       retry_policy=retry_policy, exchange=exchange,
+                       binding_arguments=binding_arguments)
     return decorator
 
 
@@ -71,11 +78,13 @@ class ErrorHandlingHandler:
     """Base class for handlers that report their errors as messages.
 
     Subclasses set ``queue_name``, ``routing_key`` and ``error_routing_key``
-    and implement ``run()``, calling ``send(content, routing_key)`` for
-    results. When ``run()`` raises (anything but ``error_reraise``), the
-    handler's side effects are aborted, the received message is acknowledged
-    and one error message (``"<ExcClass>: <text>\\n<traceback>"``),
-    correlated with it, goes to ``error_routing_key`` instead.
+    (and maybe ``exchange`` and ``binding_arguments``, as for
+    :class:`Handler`) and implement ``run()``, calling ``send(content,
+    routing_key)`` for results. When ``run()`` raises (anything but
+    ``error_reraise``), the handler's side effects are aborted, the received
+    message is acknowledged and one error message
+    (``"<ExcClass>: <text>\\n<traceback>"``), correlated with it, goes to
+    ``error_routing_key`` instead.
 
     Register an instance (the prototype); each message gets a new instance.
     """
@@ -83,6 +92,8 @@ class ErrorHandlingHandler:
     queue_name = NotImplemented
     routing_key = NotImplemented
     arguments = None
+    exchange = DEFAULT_EXCHANGE
+    binding_arguments = None
     principal = None
     retry_policy = None
     error_routing_key = NotImplemented

@@ -1,7 +1,8 @@
 """The contracts of gocept.amqprun: read this module first.
 
 Public section: what handler authors and operators use (``IHandler``,
-``IMessage``, ``IResponse``, ``ISender``, ``ISettings``, the events).
+``IExchange``, ``IMessage``, ``IResponse``, ``ISender``, ``ISettings``,
+the events).
 Internal section: how the I/O thread and the workers talk to each other
 (``IServer``, ``IChannelOp``, ``ISession``, ``ILoop``). Exceptions come
 last; each says
@@ -19,10 +20,17 @@ class IHandler(zope.interface.Interface):
     """A message handler: one function bound to exactly one queue.
 
     Registered as a named utility (``<utility component="..." name="..."/>``).
-    The I/O thread declares :attr:`queue_name` (durable), binds it to
-    ``amq.topic`` with every routing key and consumes from it. A worker
-    thread calls the handler once per received message, inside a
-    transaction.
+    After every (re)connect the I/O thread declares :attr:`queue_name`
+    (durable), binds it to :attr:`exchange` with every routing key (and
+    :attr:`binding_arguments`) and consumes from it. A worker thread calls
+    the handler once per received message, inside a transaction.
+
+    An implementation without :attr:`exchange` or
+    :attr:`binding_arguments` (one written for 1.x) is bound to
+    ``amq.topic`` without arguments.
+
+    .. versionchanged:: 2.0
+       :attr:`exchange` and :attr:`binding_arguments`.
     """
 
     queue_name = zope.interface.Attribute('Name of the queue to consume.')
@@ -32,6 +40,13 @@ class IHandler(zope.interface.Interface):
     arguments = zope.interface.Attribute(
         'dict passed as ``arguments`` to ``queue.declare`` (or None). '
         'Values keep their type (ints stay ints).')
+    exchange = zope.interface.Attribute(
+        'Name of the exchange the queue is bound to; default ``amq.topic``. '
+        'It must exist on the broker or be declared (:class:`IExchange`).')
+    binding_arguments = zope.interface.Attribute(
+        'dict passed as ``arguments`` to every ``queue.bind`` (or None), '
+        'e.g. ``{"x-match": "all", "format": "pdf"}`` for a ``headers`` '
+        'exchange.')
     principal = zope.interface.Attribute(
         'Principal id the handler runs as in a zope.security interaction, '
         'or None.')
@@ -50,6 +65,33 @@ class IHandler(zope.interface.Interface):
         An exception aborts the transaction: nothing is published and the
         message goes back to the broker.
         """
+
+
+class IExchange(zope.interface.Interface):
+    """An exchange the server declares before it binds the handler queues.
+
+    Registered as a utility named like the exchange, usually by
+    ``<amqp:exchange>``. The I/O thread declares every one after each
+    (re)connect, before any queue is bound. Names starting with ``amq.``
+    are the broker's own and are never declared (refused when the
+    configuration loads). A declare the broker refuses (the exchange exists
+    with another type or other arguments, no permission, an ``x-`` type no
+    plugin provides) stops the process with ``DeclareRefused``.
+
+    .. versionadded:: 2.0
+    """
+
+    name = zope.interface.Attribute('The exchange\'s name.')
+    type = zope.interface.Attribute(
+        '``direct``, ``topic``, ``fanout``, ``headers`` or a plugin\'s '
+        '``x-`` type.')
+    durable = zope.interface.Attribute(
+        'True: the exchange survives a broker restart.')
+    auto_delete = zope.interface.Attribute(
+        'True: the broker deletes the exchange when its last binding goes.')
+    arguments = zope.interface.Attribute(
+        'dict passed as ``arguments`` to ``exchange.declare`` (or None), '
+        'e.g. ``{"alternate-exchange": "unrouted"}``.')
 
 
 class IResponse(zope.interface.Interface):
@@ -531,7 +573,8 @@ class DeclareRefused(ConfigurationError):
     """The broker refused to declare or bind a queue or exchange.
 
     ``PRECONDITION_FAILED`` (it exists with other arguments or type),
-    ``NOT_FOUND`` (a missing exchange) or ``ACCESS_REFUSED``: the
+    ``NOT_FOUND`` (a missing exchange), ``ACCESS_REFUSED`` or, for an
+    exchange, ``COMMAND_INVALID`` (a type no enabled plugin provides): the
     configuration does not fit the broker, and retrying cannot fix it.
     """
 

@@ -30,6 +30,7 @@ import zope.interface
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
 import gocept.amqprun.process
+from gocept.amqprun.topology import DEFAULT_EXCHANGE
 
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def filename_header(name):
 
 @zope.interface.implementer(gocept.amqprun.interfaces.ILoop)
 class MaildirReader(gocept.amqprun.process.LoopState):
-    """Polls ``directory/new`` and sends each file to ``routing_key``.
+    """Polls ``directory/new`` and sends each file to ``routing_key`` on
+    ``exchange``.
 
     Creating it prepares the Maildir (an :class:`OSError` when that is not
     possible). ``start()`` runs the loop in the calling thread;
@@ -91,10 +93,12 @@ class MaildirReader(gocept.amqprun.process.LoopState):
     #: Seconds ``on_process_stopping`` waits for the thread to end.
     stop_timeout = 10
 
-    def __init__(self, directory, routing_key, poll_interval=1):
+    def __init__(self, directory, routing_key, poll_interval=1,
+                 exchange=DEFAULT_EXCHANGE):
         self.maildir = Maildir(directory)
         self.maildir.prepare()
         self.routing_key = routing_key
+        self.exchange = exchange
         self.poll_interval = poll_interval
         self.thread = None
         super().__init__()
@@ -110,8 +114,8 @@ class MaildirReader(gocept.amqprun.process.LoopState):
         A fatal error ends the loop: it is logged and the process is asked
         to stop with exit status 1 (once; the loop does not go on).
         """
-        log.info('Watching %s for files to send to %r',
-                 self.maildir.path, self.routing_key)
+        log.info('Watching %s for files to send to %r on exchange %r',
+                 self.maildir.path, self.routing_key, self.exchange)
         self._running.set()
         try:
             sender = zope.component.getUtility(
@@ -161,7 +165,7 @@ class MaildirReader(gocept.amqprun.process.LoopState):
         message = gocept.amqprun.message.Message(
             {'content_type': CONTENT_TYPE,
              'X-Filename': filename_header(name)},
-            body, routing_key=self.routing_key)
+            body, routing_key=self.routing_key, exchange=self.exchange)
         log.debug('Sending %s/new/%s to %r as %s', self.maildir.path, name,
                   self.routing_key, message.header.message_id)
         transaction.begin()
@@ -202,12 +206,13 @@ class MaildirReader(gocept.amqprun.process.LoopState):
                         self.maildir.path, self.stop_timeout)
 
 
-def register_reader(directory, routing_key, poll_interval=1):
+def register_reader(directory, routing_key, poll_interval=1,
+                    exchange=DEFAULT_EXCHANGE):
     """Create a :class:`MaildirReader` and hook it to the process events.
 
     The action of ``<amqp:readfiles>``; returns the reader.
     """
-    reader = MaildirReader(directory, routing_key, poll_interval)
+    reader = MaildirReader(directory, routing_key, poll_interval, exchange)
     site_manager = zope.component.getSiteManager()
     site_manager.registerHandler(
         reader.on_process_started,

@@ -8,8 +8,8 @@ workers, has the commit queue (``commits``) carry out the ops workers
 submitted and keeps heartbeats flowing. When the connection is lost it fails
 the pending ops of the lost connection with ``ConnectionLost`` (sends not yet
 carried out wait for the next connection), drops the deliveries no worker
-took yet, reconnects with capped exponential backoff, re-declares
-(``topology``) and consumes again.
+took yet, reconnects with capped exponential backoff, re-declares the
+exchanges and queues (``topology``) and consumes again.
 """
 import contextlib
 import fcntl
@@ -238,8 +238,10 @@ class Server(gocept.amqprun.process.LoopState):
     def _declare_and_consume(self):
         handlers = list(zope.component.getUtilitiesFor(
             gocept.amqprun.interfaces.IHandler))
+        exchanges = [exchange for _, exchange in zope.component
+                     .getUtilitiesFor(gocept.amqprun.interfaces.IExchange)]
         channel = self._channel
-        gocept.amqprun.topology.declare(channel, handlers)
+        gocept.amqprun.topology.declare(channel, handlers, exchanges)
         channel.tx_commit()  # declare does not need it, but binds in tx
         if self._stop_consuming or not handlers:
             return

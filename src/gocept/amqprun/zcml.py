@@ -5,7 +5,8 @@ the directive reference (``meta.zcml`` registers them). Handlers check
 their arguments and only record actions; the actions run once the whole
 configuration is read: ``<amqp:writefiles>`` registers a handler utility,
 ``<amqp:readfiles>`` prepares the Maildir and hooks a reader to the
-process events.
+process events, ``<amqp:exchange>`` registers an ``IExchange`` utility the
+server declares.
 """
 import re
 
@@ -19,6 +20,7 @@ import zope.schema.interfaces
 import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.readfiles
+import gocept.amqprun.topology
 import gocept.amqprun.writefiles
 
 
@@ -93,7 +95,8 @@ class IWriteFilesDirective(zope.interface.Interface):
     routing_key = zope.configuration.fields.Tokens(
         title='Routing keys',
         description='One or more routing keys, separated by spaces, the '
-                    'queue is bound to (on ``amq.topic``).',
+                    'queue is bound with (a ``fanout`` or ``headers`` '
+                    'exchange ignores them: write any, e.g. ``#``).',
         value_type=zope.schema.TextLine(min_length=1),
         min_length=1,
         required=True)
@@ -136,9 +139,27 @@ class IWriteFilesDirective(zope.interface.Interface):
                     'quotes stays text (and may contain spaces).',
         required=False)
 
+    exchange = zope.schema.TextLine(
+        title='Exchange',
+        description='The exchange the queue is bound to. It must exist on '
+                    'the broker or be declared with ``<amqp:exchange>``.',
+        min_length=1,
+        default=gocept.amqprun.topology.DEFAULT_EXCHANGE,
+        required=False)
+
+    binding_arguments = QueueArguments(
+        title='Binding arguments',
+        description='``key = value`` pairs (one per line, typed as for '
+                    '``arguments``) passed as arguments to ``queue.bind``; '
+                    'a ``headers`` exchange matches on them, e.g. '
+                    '``x-match = all`` and ``format = pdf``.',
+        required=False)
+
 
 def writefiles_directive(_context, routing_key, queue_name, directory,
-                         pattern=None, arguments=None):
+                         pattern=None, arguments=None,
+                         exchange=gocept.amqprun.topology.DEFAULT_EXCHANGE,
+                         binding_arguments=None):
     """Record the registration of a :class:`~gocept.amqprun.writefiles.
     FileWriter` handler; a bad pattern is a configuration error."""
     try:
@@ -146,7 +167,8 @@ def writefiles_directive(_context, routing_key, queue_name, directory,
     except ValueError as e:
         raise zope.configuration.exceptions.ConfigurationError(str(e)) from e
     handler = gocept.amqprun.handler.Handler(
-        queue_name, list(routing_key), writer, arguments=arguments or None)
+        queue_name, list(routing_key), writer, arguments=arguments or None,
+        exchange=exchange, binding_arguments=binding_arguments or None)
     name = WRITEFILES_HANDLER_PREFIX + queue_name
     interface = gocept.amqprun.interfaces.IHandler
     # The discriminator of <utility>: a clash with another registration
@@ -169,10 +191,18 @@ class IReadFilesDirective(zope.interface.Interface):
 
     routing_key = zope.schema.TextLine(
         title='Routing key',
-        description='The routing key (on ``amq.topic``) the files are sent '
-                    'to, with their name in the ``X-Filename`` header.',
+        description='The routing key the files are sent with, their name '
+                    'in the ``X-Filename`` header.',
         min_length=1,
         required=True)
+
+    exchange = zope.schema.TextLine(
+        title='Exchange',
+        description='The exchange the files are sent to. It must exist on '
+                    'the broker or be declared with ``<amqp:exchange>``.',
+        min_length=1,
+        default=gocept.amqprun.topology.DEFAULT_EXCHANGE,
+        required=False)
 
     poll_interval = zope.schema.Float(
         title='Poll interval',
@@ -182,10 +212,73 @@ class IReadFilesDirective(zope.interface.Interface):
         required=False)
 
 
-def readfiles_directive(_context, directory, routing_key, poll_interval=1.0):
+def readfiles_directive(_context, directory, routing_key, poll_interval=1.0,
+                        exchange=gocept.amqprun.topology.DEFAULT_EXCHANGE):
     """Record the creation of a :class:`~gocept.amqprun.readfiles.
     MaildirReader` for ``directory``; one reader per Maildir."""
     _context.action(
         discriminator=('gocept.amqprun:readfiles', directory),
         callable=gocept.amqprun.readfiles.register_reader,
-        args=(directory, routing_key, poll_interval))
+        args=(directory, routing_key, poll_interval, exchange))
+
+
+class IExchangeDirective(zope.interface.Interface):
+    """``<amqp:exchange>``: declare an exchange whenever the server
+    connects, before the handler queues are bound."""
+
+    name = zope.schema.TextLine(
+        title='Name',
+        description='The exchange\'s name; it must not start with '
+                    '``amq.`` (those are the broker\'s own, bind to them '
+                    'without declaring them). Declare each name once: a '
+                    'second ``<amqp:exchange>`` for it is a conflict.',
+        min_length=1,
+        required=True)
+
+    type = zope.schema.TextLine(
+        title='Type',
+        description='``direct``, ``topic``, ``fanout`` or ``headers``, or '
+                    'the ``x-`` type of a broker plugin (e.g. '
+                    '``x-consistent-hash``; the plugin must be enabled).',
+        min_length=1,
+        required=True)
+
+    durable = zope.configuration.fields.Bool(
+        title='Durable',
+        description='Whether the exchange survives a broker restart.',
+        default=True,
+        required=False)
+
+    auto_delete = zope.configuration.fields.Bool(
+        title='Auto-delete',
+        description='Whether the broker deletes the exchange when its last '
+                    'binding is removed.',
+        default=False,
+        required=False)
+
+    arguments = QueueArguments(
+        title='Exchange arguments',
+        description='``key = value`` pairs (one per line, typed as for '
+                    'the queue ``arguments`` of ``<amqp:writefiles>``) '
+                    'passed as arguments to ``exchange.declare``, e.g. '
+                    '``alternate-exchange = unrouted``.',
+        required=False)
+
+
+def exchange_directive(_context, name, type, durable=True, auto_delete=False,
+                       arguments=None):
+    """Record the registration of an :class:`~gocept.amqprun.topology.
+    Exchange` utility; a reserved name or an unknown type is a
+    configuration error."""
+    try:
+        exchange = gocept.amqprun.topology.Exchange(
+            name, type, durable=durable, auto_delete=auto_delete,
+            arguments=arguments or None)
+    except ValueError as e:
+        raise zope.configuration.exceptions.ConfigurationError(str(e)) from e
+    interface = gocept.amqprun.interfaces.IExchange
+    # The discriminator of <utility>: one declaration per exchange name.
+    _context.action(
+        discriminator=('utility', interface, name),
+        callable=zope.component.zcml.handler,
+        args=('registerUtility', exchange, interface, name, _context.info))

@@ -4,8 +4,9 @@ Runs on: the test's thread. Each :class:`Client` and :class:`QueueProbe`
 owns a py-amqp connection of its own, used only by the thread that made it
 (py-amqp is not thread-safe); they never share the daemon's connection.
 
-:class:`Client` publishes test messages to ``amq.topic`` and receives what
-is sent to routing keys the test expects; :class:`QueueProbe` asks the
+:class:`Client` publishes test messages (to ``amq.topic`` unless told
+otherwise) and receives what is sent to the routing keys (and exchanges)
+the test expects; :class:`QueueProbe` asks the
 broker how many messages queues hold. :func:`wait_for` and
 :func:`wait_until_settled` poll a condition with a deadline instead of
 sleeping for a guessed time.
@@ -15,6 +16,8 @@ import time
 import uuid
 
 import amqp
+
+from gocept.amqprun.topology import DEFAULT_EXCHANGE
 
 
 def wait_for(condition, timeout=10, interval=0.02, message=None):
@@ -80,9 +83,9 @@ class Client:
         self._queues.append(name)
         return name
 
-    def send_message(self, body, routing_key='', headers=None,
-                     **properties):
-        """Publish a message to ``amq.topic``; return its message id."""
+    def send_message(self, body, routing_key='', headers=None, *,
+                     exchange=DEFAULT_EXCHANGE, **properties):
+        """Publish a message to ``exchange``; return its message id."""
         properties.setdefault('message_id',
                               email.utils.make_msgid('gocept.amqprun.test'))
         properties.setdefault('timestamp', int(time.time()))
@@ -90,12 +93,19 @@ class Client:
         self.channel.basic_publish(
             amqp.Message(body, application_headers=headers or {},
                          **properties),
-            exchange='amq.topic', routing_key=routing_key)
+            exchange=exchange, routing_key=routing_key)
         return properties['message_id']
 
-    def expect_message_on(self, routing_key):
-        """Receive messages sent to ``routing_key`` from now on."""
-        self.channel.queue_bind(self.receive_queue, 'amq.topic', routing_key)
+    def expect_message_on(self, routing_key, exchange=DEFAULT_EXCHANGE,
+                          binding_arguments=None):
+        """Receive messages sent to ``routing_key`` on ``exchange`` from
+        now on.
+
+        ``binding_arguments`` are those of the binding (a ``headers``
+        exchange matches on them). The exchange must exist.
+        """
+        self.channel.queue_bind(self.receive_queue, exchange, routing_key,
+                                arguments=binding_arguments)
 
     expect_response_on = expect_message_on
 

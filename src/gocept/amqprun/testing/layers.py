@@ -23,6 +23,7 @@ from gocept.amqprun.testing.daemon import ServerProcess
 from gocept.amqprun.testing.daemon import log_path_of
 from gocept.amqprun.testing.daemon import make_config
 from gocept.amqprun.testing.daemon import reset_registry
+from gocept.amqprun.topology import DEFAULT_EXCHANGE
 
 
 class BrokerLayer:
@@ -94,15 +95,18 @@ class QueueTestCase(unittest.TestCase):
         """A unique queue name, deleted after the test."""
         return self.client.queue_name(suffix)
 
-    def send_message(self, body, routing_key='', headers=None,
-                     **properties):
-        """Publish a message to ``amq.topic``; return its message id."""
+    def send_message(self, body, routing_key='', headers=None, *,
+                     exchange=DEFAULT_EXCHANGE, **properties):
+        """Publish a message to ``exchange``; return its message id."""
         return self.client.send_message(body, routing_key, headers,
-                                        **properties)
+                                        exchange=exchange, **properties)
 
-    def expect_message_on(self, routing_key):
-        """Receive what is sent to ``routing_key`` from now on."""
-        self.client.expect_message_on(routing_key)
+    def expect_message_on(self, routing_key, exchange=DEFAULT_EXCHANGE,
+                          binding_arguments=None):
+        """Receive what is sent to ``routing_key`` on ``exchange`` from now
+        on (see :meth:`Client.expect_message_on`)."""
+        self.client.expect_message_on(routing_key, exchange,
+                                      binding_arguments)
 
     expect_response_on = expect_message_on
 

@@ -75,6 +75,21 @@ def test_client_sends_headers_and_properties(amqp_client):
     assert message.headers == {'X-Filename': 'a.txt'}
 
 
+def test_client_sends_to_and_expects_on_any_exchange(amqp_client):
+    amqp_client.channel.exchange_declare(
+        'test.testing.headers', 'headers', auto_delete=True)
+    amqp_client.expect_message_on(
+        '', exchange='test.testing.headers',
+        binding_arguments={'x-match': 'all', 'kind': 'a'})
+    amqp_client.send_message(b'b', headers={'kind': 'b'},
+                             exchange='test.testing.headers')
+    amqp_client.send_message(b'a', headers={'kind': 'a'},
+                             exchange='test.testing.headers')
+    message = amqp_client.wait_for_message()  # b was published first
+    assert message.body == b'a'
+    assert message.delivery_info['exchange'] == 'test.testing.headers'
+
+
 def test_wait_for_message_raises_when_nothing_arrives(amqp_client):
     amqp_client.expect_message_on('test.testing.nothing')
     with pytest.raises(RuntimeError, match='No message received'):
@@ -179,6 +194,13 @@ class UserQueueTests(gocept.amqprun.testing.QueueTestCase):
         self.assertEqual(b'hi', message.body)
         self.assertEqual({'a': 'b'}, message.headers)
 
+    def test_send_and_receive_on_another_exchange(self):
+        self.expect_message_on('', exchange='amq.fanout')
+        self.send_message(b'all', 'ignored', exchange='amq.fanout')
+        message = self.wait_for_message()
+        self.assertEqual(b'all', message.body)
+        self.assertEqual('amq.fanout', message.delivery_info['exchange'])
+
     def test_create_server_gives_an_unstarted_server(self):
         server = self.create_server(setup_handlers=False)
         self.assertFalse(server.running)
@@ -222,7 +244,7 @@ def run_with_unittest(*cases):
 def test_test_cases_run_with_the_unittest_loader(amqp_broker):
     result, output = run_with_unittest(UserQueueTests, UserMainTests)
     assert result.wasSuccessful(), output
-    assert result.testsRun == 4
+    assert result.testsRun == 5
     # each class had a virtual host of its own, deleted afterwards
     assert UserQueueTests.virtual_host not in (
         amqp_broker.ctl('list_vhosts', '-q', '--no-table-headers'))

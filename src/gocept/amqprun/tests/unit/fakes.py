@@ -71,6 +71,9 @@ class FakeChannel:
     def queue_bind(self, **kw):
         self._record('queue_bind', **kw)
 
+    def exchange_declare(self, **kw):
+        self._record('exchange_declare', **kw)
+
     def basic_qos(self, prefetch_size, prefetch_count, a_global):
         self._record('basic_qos', prefetch_size, prefetch_count, a_global)
 

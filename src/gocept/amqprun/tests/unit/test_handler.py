@@ -34,6 +34,8 @@ def test_handler_provides_IHandler_and_keeps_queue_and_routing_key():
     assert handler.handler_function is function
     assert handler.arguments is None
     assert handler.principal is None
+    assert handler.exchange == 'amq.topic'
+    assert handler.binding_arguments is None
 
 
 def test_calling_handler_returns_the_functions_messages_as_is():
@@ -86,6 +88,14 @@ def test_decorator_supports_principal():
     assert decorated.principal == 'zope.user'
 
 
+def test_decorator_supports_an_exchange_and_binding_arguments():
+    decorated = declare('queue', '', exchange='documents',
+                        binding_arguments={'x-match': 'all',
+                                           'format': 'pdf'})(function)
+    assert decorated.exchange == 'documents'
+    assert decorated.binding_arguments == {'x-match': 'all', 'format': 'pdf'}
+
+
 def test_decorator_supports_a_list_of_routing_keys():
     decorated = declare('queue', ['a', 'b'])(function)
     assert decorated.routing_key == ['a', 'b']
@@ -101,9 +111,9 @@ def test_handler_settings_is_the_settings_utility(registry):
     assert Handler('queue', 'routing', function).settings is settings
 
 
-def test_handler_repr_names_function_routing_key_and_queue():
+def test_handler_repr_names_function_routing_key_queue_and_exchange():
     assert repr(Handler('queue', 'routing', function)) == (
-        "<Handler function for 'routing' on 'queue'>")
+        "<Handler function for 'routing' on 'queue' via 'amq.topic'>")
 
 
 # -- ErrorHandlingHandler ---------------------------------------------------
@@ -158,6 +168,8 @@ def test_error_handling_handler_defaults():
     assert ErrorHandlingHandler.error_routing_key is NotImplemented
     assert ErrorHandlingHandler.arguments is None
     assert ErrorHandlingHandler.principal is None
+    assert ErrorHandlingHandler.exchange == 'amq.topic'
+    assert ErrorHandlingHandler.binding_arguments is None
     assert ErrorHandlingHandler.error_reraise is None
 
 

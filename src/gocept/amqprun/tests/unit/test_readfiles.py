@@ -159,12 +159,20 @@ def test_file_is_sent_and_moved_to_cur_after_the_commit(
     (message,) = sender.sent
     assert message.body == b'contents'
     assert message.routing_key == 'test.data'
+    assert message.exchange == 'amq.topic'
     assert message.header.content_type == 'text/xml'
     assert message.header.headers == {'X-Filename': 'foo.xml'}
     assert message.header.message_id
     assert sender.in_new_at_commit == [True]
     assert listing(maildir, 'new') == []
     assert listing(maildir, 'cur') == ['foo.xml']
+
+
+def test_files_are_sent_to_the_readers_exchange(maildir, sender):
+    reader = MaildirReader(maildir, 'test.data', exchange='invalidations')
+    deliver(maildir, 'foo.xml')
+    assert reader.scan(sender) == 1
+    assert sender.sent[0].exchange == 'invalidations'
 
 
 def test_files_are_sent_in_name_order_each_in_its_own_transaction(
@@ -341,8 +349,9 @@ def test_missing_sender_stops_the_process(
 
 def test_register_reader_hooks_the_reader_to_the_process_events(
         maildir, registered_sender):
-    reader = register_reader(maildir, 'test.data', 0.01)
+    reader = register_reader(maildir, 'test.data', 0.01, 'invalidations')
     assert reader.poll_interval == 0.01
+    assert reader.exchange == 'invalidations'
     assert listing(maildir, '.') == ['cur', 'new', 'tmp']
     try:
         zope.event.notify(gocept.amqprun.interfaces.ProcessStarted())

@@ -27,6 +27,7 @@ from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import ConfigurationError
 from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.interfaces import DeclareRefused
+from gocept.amqprun.interfaces import IExchange
 from gocept.amqprun.interfaces import IHandler
 from gocept.amqprun.interfaces import ILoop
 from gocept.amqprun.interfaces import ISender
@@ -43,6 +44,7 @@ from gocept.amqprun.tests.unit.fakes import error_of
 from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import received_message
 from gocept.amqprun.tests.unit.fakes import resolved
+from gocept.amqprun.topology import Exchange
 
 
 class FakeConnection:
@@ -351,12 +353,12 @@ def test_declare_and_consume_binds_and_consumes_every_handler(
     assert ('queue_declare', ('arguments', {'x-message-ttl': 60000}),
             ('auto_delete', False), ('durable', True), ('exclusive', False),
             ('queue', 'queue.1')) in calls
-    assert ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue.1'),
-            ('routing_key', 'a')) in calls
-    assert ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue.1'),
-            ('routing_key', 'b')) in calls
-    assert ('queue_bind', ('exchange', 'amq.topic'), ('queue', 'queue.2'),
-            ('routing_key', 'c')) in calls
+    assert ('queue_bind', ('arguments', {}), ('exchange', 'amq.topic'),
+            ('queue', 'queue.1'), ('routing_key', 'a')) in calls
+    assert ('queue_bind', ('arguments', {}), ('exchange', 'amq.topic'),
+            ('queue', 'queue.1'), ('routing_key', 'b')) in calls
+    assert ('queue_bind', ('arguments', {}), ('exchange', 'amq.topic'),
+            ('queue', 'queue.2'), ('routing_key', 'c')) in calls
     names = server._channel.names
     assert names.index('tx_commit') > names.index('queue_bind')
     assert ('basic_qos', 0, 2, False) in calls
@@ -365,6 +367,20 @@ def test_declare_and_consume_binds_and_consumes_every_handler(
                   if call[0] == 'basic_consume') == ['queue.1', 'queue.2']
     assert server.consuming
     assert sorted(server._consumer_tags) == ['ctag1', 'ctag2']
+
+
+def test_declare_and_consume_declares_registered_exchanges_before_binding(
+        server, registry):
+    zope.component.provideUtility(
+        Exchange('orders', 'direct'), IExchange, name='orders')
+    handler = register('one', 'queue.1', 'new')
+    handler.exchange = 'orders'
+    server._declare_and_consume()
+    names = server._channel.names
+    assert names.index('exchange_declare') < names.index('queue_bind')
+    assert dict(server._channel.calls[0][1:])['exchange'] == 'orders'
+    bind = server._channel.calls[names.index('queue_bind')]
+    assert dict(bind[1:])['exchange'] == 'orders'
 
 
 def test_consumer_callback_queues_tasks_for_its_handler(server, registry):
@@ -577,7 +593,7 @@ def test_declare_refused_after_a_reconnect_is_fatal_without_retry(
     register('one', 'queue.1', 'a')
     declares = []
 
-    def declare(channel, handlers):
+    def declare(channel, handlers, exchanges):
         declares.append(channel)
         if len(declares) > 1:
             raise DeclareRefused("The broker refused queue 'queue.1': "

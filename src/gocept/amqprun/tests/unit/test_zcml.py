@@ -1,4 +1,5 @@
-"""Tests for gocept.amqprun.zcml: the amqp:writefiles/readfiles directives.
+"""Tests for gocept.amqprun.zcml: the amqp:writefiles, readfiles and
+exchange directives.
 """
 import os
 
@@ -13,10 +14,12 @@ import zope.schema
 import gocept.amqprun.interfaces
 import gocept.amqprun.readfiles
 import gocept.amqprun.writefiles
+from gocept.amqprun.zcml import IExchangeDirective
 from gocept.amqprun.zcml import IReadFilesDirective
 from gocept.amqprun.zcml import IWriteFilesDirective
 from gocept.amqprun.zcml import InvalidQueueArguments
 from gocept.amqprun.zcml import QueueArguments
+from gocept.amqprun.zcml import exchange_directive
 from gocept.amqprun.zcml import queue_argument_value
 from gocept.amqprun.zcml import readfiles_directive
 from gocept.amqprun.zcml import writefiles_directive
@@ -52,9 +55,15 @@ def handlers():
         gocept.amqprun.interfaces.IHandler))
 
 
+def exchanges():
+    return dict(zope.component.getUtilitiesFor(
+        gocept.amqprun.interfaces.IExchange))
+
+
 # -- schemas -----------------------------------------------------------------
 
-@pytest.mark.parametrize('schema', [IWriteFilesDirective, IReadFilesDirective])
+@pytest.mark.parametrize('schema', [
+    IWriteFilesDirective, IReadFilesDirective, IExchangeDirective])
 def test_every_field_has_title_and_description(schema):
     for name, field in zope.schema.getFields(schema).items():
         assert field.title, name
@@ -134,7 +143,20 @@ def test_writefiles_directive_defaults(tmp_path):
     writefiles_directive(context, ['test.data'], 'test.queue', str(tmp_path))
     handler = context.actions[0]['args'][1]
     assert handler.arguments is None
+    assert handler.exchange == 'amq.topic'
+    assert handler.binding_arguments is None
     assert handler.handler_function.pattern == '${routing_key}-${unique}'
+
+
+def test_writefiles_directive_binds_to_its_exchange_with_its_arguments(
+        tmp_path):
+    context = FakeContext()
+    writefiles_directive(context, ['#'], 'test.queue', str(tmp_path),
+                         exchange='documents',
+                         binding_arguments={'x-match': 'all'})
+    handler = context.actions[0]['args'][1]
+    assert handler.exchange == 'documents'
+    assert handler.binding_arguments == {'x-match': 'all'}
 
 
 def test_writefiles_directive_refuses_a_pattern_leaving_the_directory(
@@ -153,7 +175,36 @@ def test_readfiles_directive_records_the_reader_creation(tmp_path):
     assert context.actions == [dict(
         discriminator=('gocept.amqprun:readfiles', directory),
         callable=gocept.amqprun.readfiles.register_reader,
-        args=(directory, 'test.data', 0.5), kw=None)]
+        args=(directory, 'test.data', 0.5, 'amq.topic'), kw=None)]
+
+
+def test_exchange_directive_records_an_exchange_utility():
+    context = FakeContext()
+    exchange_directive(context, 'orders', 'direct', durable=False,
+                       auto_delete=True, arguments={'alternate-exchange': 'x'})
+    (action,) = context.actions
+    interface = gocept.amqprun.interfaces.IExchange
+    assert action['discriminator'] == ('utility', interface, 'orders')
+    assert action['callable'] is zope.component.zcml.handler
+    method, exchange, registered_as, name, info = action['args']
+    assert (method, registered_as, name, info) == (
+        'registerUtility', interface, 'orders', FakeContext.info)
+    assert (exchange.name, exchange.type, exchange.durable,
+            exchange.auto_delete, exchange.arguments) == (
+        'orders', 'direct', False, True, {'alternate-exchange': 'x'})
+
+
+@pytest.mark.parametrize('name, type, problem', [
+    ('orders', 'fan-out', "unknown type 'fan-out'"),
+    ('amq.direct', 'direct', "names starting with 'amq.' belong to"),
+])
+def test_exchange_directive_refuses_what_cannot_be_declared(
+        name, type, problem):
+    context = FakeContext()
+    with pytest.raises(zope.configuration.exceptions.ConfigurationError,
+                       match=problem):
+        exchange_directive(context, name, type)
+    assert context.actions == []
 
 
 # -- real snippets -----------------------------------------------------------
@@ -221,3 +272,78 @@ def test_two_readfiles_on_one_maildir_conflict(tmp_path, clean_registry):
         configure(tmp_path, '''
           <amqp:readfiles directory="in" routing_key="a" />
           <amqp:readfiles directory="in" routing_key="b" />''')
+
+
+def test_writefiles_snippet_binds_to_an_exchange_with_binding_arguments(
+        tmp_path, clean_registry):
+    configure(tmp_path, '''
+      <amqp:writefiles
+        routing_key="#"
+        queue_name="test.queue"
+        directory="output"
+        exchange="documents"
+        binding_arguments="
+        x-match = any
+        format = pdf
+        pages = 2
+        "
+        />''')
+    handler = handlers()['gocept.amqprun.amqpwrite.test.queue']
+    assert handler.exchange == 'documents'
+    assert handler.binding_arguments == {
+        'x-match': 'any', 'format': 'pdf', 'pages': 2}
+
+
+def test_readfiles_snippet_sends_to_its_exchange(tmp_path, clean_registry):
+    configure(tmp_path, '''
+      <amqp:readfiles directory="input" routing_key="" exchange="events" />
+    '''.replace('routing_key=""', 'routing_key="any"'))
+    registered = {
+        registration.required[0]: registration.handler
+        for registration in
+        zope.component.getGlobalSiteManager().registeredHandlers()}
+    reader = registered[gocept.amqprun.interfaces.IProcessStarted].__self__
+    assert reader.exchange == 'events'
+
+
+def test_exchange_snippet_registers_the_exchange(tmp_path, clean_registry):
+    configure(tmp_path, '''
+      <amqp:exchange
+        name="orders"
+        type="direct"
+        durable="false"
+        auto_delete="true"
+        arguments="alternate-exchange = unrouted"
+        />
+      <amqp:exchange name="events" type="fanout" />''')
+    orders = exchanges()['orders']
+    assert (orders.type, orders.durable, orders.auto_delete,
+            orders.arguments) == (
+        'direct', False, True, {'alternate-exchange': 'unrouted'})
+    events = exchanges()['events']
+    assert (events.type, events.durable, events.auto_delete,
+            events.arguments) == ('fanout', True, False, None)
+
+
+def test_two_exchange_directives_for_one_name_conflict(
+        tmp_path, clean_registry):
+    with pytest.raises(zope.configuration.config.ConfigurationConflictError,
+                       match='site.zcml'):
+        configure(tmp_path, '''
+          <amqp:exchange name="orders" type="direct" />
+          <amqp:exchange name="orders" type="fanout" />''')
+
+
+@pytest.mark.parametrize('attributes, problem', [
+    ('name="orders" type="fan-out"', "unknown type 'fan-out'"),
+    ('name="amq.orders" type="direct"', "'amq.orders' cannot be declared"),
+    ('name="orders"', 'type'),
+    ('name="orders" type="direct" durable="maybe"', 'durable'),
+], ids=['unknown-type', 'reserved-name', 'no-type', 'bad-bool'])
+def test_exchange_snippet_with_bad_input_is_an_error_at_load(
+        tmp_path, clean_registry, attributes, problem):
+    with pytest.raises(zope.configuration.exceptions.ConfigurationError,
+                       match=problem) as info:
+        configure(tmp_path, '<amqp:exchange %s />' % attributes)
+    assert 'site.zcml' in str(info.value)
+    assert exchanges() == {}
