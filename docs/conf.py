@@ -65,9 +65,6 @@ nitpick_ignore_regex = [
     (r'py:class', r'(Exception|object|dict|str|bytes|callable)'),
     # Internal names that public docstrings mention.
     (r'py:class', r'gocept\.amqprun\.message\.Header'),
-    # IHandler's docstring names an ``exchange`` attribute that handlers do
-    # not have yet (SPEC section 10: other exchanges).
-    (r'py:attr', r'exchange'),
 ]
 rst_epilog = '''
 .. |RetryPolicy| replace:: :class:`~gocept.amqprun.retry.RetryPolicy`
