@@ -493,7 +493,7 @@ def test_connect_opens_consume_and_send_channels_in_tx_mode(
                          password='secret', virtual_host='vhost',
                          heartbeat_interval=30)
     try:
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         [connection] = fake_amqp.instances
         assert connection.kw == dict(
             host='broker:1234', userid='user', password='secret',
@@ -515,7 +515,7 @@ def test_connect_without_setup_handlers_declares_nothing(fake_amqp,
     register('one', 'queue.1', 'a')
     server = Server(Parameters(), setup_handlers=False)
     try:
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         consume, send = fake_amqp.instances[0].channels
         assert consume.names == ['tx_select']
     finally:
@@ -525,9 +525,9 @@ def test_connect_without_setup_handlers_declares_nothing(fake_amqp,
 def test_each_connect_is_a_new_generation(fake_amqp, registry):
     server = make_server()
     try:
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         server._disconnect()
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         assert server.history.generation == 2
         assert fake_amqp.instances[0].calls[-1] in ('close', 'collect')
     finally:
