@@ -371,14 +371,14 @@ class Server(gocept.amqprun.process.LoopState):
     def _on_blocked(self, reason=None):
         """py-amqp calls it from inside a frame read: only take note."""
         self.blocked = reason or 'no reason given'
-        log.warning('Publishing blocked by the broker at %s: %s; commits '
-                    'wait', self.node, self.blocked)
+        log.warning('publishing blocked by the broker: %s; commits wait '
+                    '(node %s)', self.blocked, self.node)
 
     def _on_unblocked(self):
         """py-amqp calls it from inside a frame read: only take note; the
         next pass of the loop carries out the held commits."""
-        log.info('Publishing unblocked by the broker at %s; %d held '
-                 'commit(s) go ahead', self.node, self.commits.held)
+        log.info('publishing unblocked by the broker; %d held commit(s) '
+                 'go ahead (node %s)', self.commits.held, self.node)
         self.blocked = None
 
     def _read_frames(self, sock):
