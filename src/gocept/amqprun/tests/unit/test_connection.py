@@ -45,7 +45,7 @@ def handler(queue='queue', routing_key='route', arguments=None):
                    arguments=arguments)
 
 
-# -- nodes ----------------------------------------------------------------------
+# -- nodes --------------------------------------------------------------------
 
 def addresses(nodes):
     return [node.address for node in nodes]
