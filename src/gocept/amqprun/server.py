@@ -110,6 +110,8 @@ class Server(gocept.amqprun.process.LoopState):
         self._stop_consuming = False
         self._channel = None
         self._send_channel = None
+        #: The connection's socket, for :meth:`_abort_blocked_io`.
+        self._socket = None
         self._consumer_tags = []
         #: Index in ``parameters.nodes`` where the next round starts.
         self._first_node = 0
@@ -122,10 +124,38 @@ class Server(gocept.amqprun.process.LoopState):
     # -- any thread ---------------------------------------------------------
 
     def stop(self):
-        """Make ``start()`` return: it closes the connection first."""
+        """Make ``start()`` return: it closes the connection first.
+
+        While the broker blocks publishing it drops the connection instead
+        (see :meth:`_abort_blocked_io`): stopping stays bounded.
+        """
         log.info('Stopping message reader.')
         self._should_stop = True
         self._wake()
+        if self.blocked is not None:
+            self._abort_blocked_io()
+
+    def _abort_blocked_io(self):
+        """End a broker call the I/O thread waits for in vain.
+
+        RabbitMQ announces ``connection.blocked`` only once it has stopped
+        reading the connection, i.e. after the publish of a commit: that
+        commit's ``tx.commit`` waits for the unblock, however long.
+        Shutting the socket down (safe from any thread; the plain socket's
+        method, so that a TLS socket's state is left to the I/O thread)
+        makes the wait fail like a lost connection. The broker never read
+        the commit: its messages go back to the broker.
+        """
+        sock = self._socket
+        if sock is None:
+            return
+        log.warning('Dropping the connection to %s, blocked by the broker '
+                    '(%s): what it has not committed goes back to the '
+                    'broker', self.node, self.blocked)
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed meanwhile: the I/O thread is not waiting on it
 
     def stop_consuming(self):
         """Cancel the consumers; deliveries already received stay queued."""
@@ -297,6 +327,7 @@ class Server(gocept.amqprun.process.LoopState):
             self.parameters, node, on_blocked=self._on_blocked,
             on_unblocked=self._on_unblocked)
         self.node = node.address
+        self._socket = self.connection.transport.sock
         self.history.connected()
         log.info('AMQP connection to %s opened.', node)
         self._channel = gocept.amqprun.connection.open_channel(
@@ -430,8 +461,9 @@ class Server(gocept.amqprun.process.LoopState):
                 'make handlers faster or raise consumer_timeout. '
                 'Reconnecting.', describe(error))
         else:
-            log.warning('Lost the connection to %s: %s; reconnecting',
-                        self.node, describe(error))
+            log.warning('Lost the connection to %s: %s; %s', self.node,
+                        describe(error),
+                        'stopping' if self._should_stop else 'reconnecting')
         self._running.clear()
         self.consuming = False
         # A dead or stalled peer never answers connection.close; a closed
@@ -474,7 +506,7 @@ class Server(gocept.amqprun.process.LoopState):
         # A blocked connection may not be read by the broker: close-ok
         # would never come.
         graceful = graceful and self.blocked is None
-        self.node = self.blocked = None
+        self.node = self.blocked = self._socket = None
         if connection is None:
             return
         if graceful:

@@ -6,6 +6,7 @@ wake-up pipe is the only file descriptor involved.
 """
 import logging
 import select
+import socket
 import ssl
 import threading
 import time
@@ -852,3 +853,29 @@ def test_stop_during_a_block_gives_held_commits_back_and_drops_the_socket(
             'closed: nothing of them was published; the messages they '
             'were to acknowledge go back to the broker') in [
         r.getMessage() for r in caplog.records]
+
+
+def test_stop_during_a_block_shuts_the_socket_down(server, caplog):
+    # The broker stopped reading: a tx.commit waits for the unblock.
+    left, right = socket.socketpair()
+    try:
+        server._socket = left
+        server._on_blocked('low on memory')
+        with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+            server.stop()
+        assert right.recv(1) == b''  # the waiting read ends
+        assert 'Dropping the connection to ' in caplog.text
+        server._disconnect()
+        server.stop()  # not blocked any more, nothing to drop
+        left.close()
+        server._socket = left
+        server.blocked = 'low on disk'
+        server._abort_blocked_io()  # closed meanwhile: nothing to do
+    finally:
+        left.close()
+        right.close()
+
+
+def test_stop_when_not_blocked_leaves_the_socket_alone(server):
+    server._socket = object()  # would fail if touched
+    server.stop()
