@@ -25,6 +25,9 @@ class ChannelOp:
     #: Seconds since the epoch before which the server must not execute it.
     not_before = 0
 
+    #: True when executing it publishes (held while the broker blocks).
+    publishes = False
+
     def __init__(self, delivery=None):
         self.delivery = delivery
         self._done = threading.Event()
@@ -84,6 +87,11 @@ class Commit(ChannelOp):
     def __init__(self, delivery, messages):
         super().__init__(delivery)
         self.messages = list(messages)
+
+    @property
+    def publishes(self):
+        """True when there is a message to publish."""
+        return bool(self.messages)
 
     def __repr__(self):
         return '<Commit ack=%s publish=%d>' % (

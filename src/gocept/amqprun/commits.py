@@ -17,6 +17,12 @@ fail together. What a failed batch means:
 * a connection error after ``tx.commit`` was sent: the outcome is unknown
   (``CommitInDoubt``), unless the broker closed the channel, which means
   it refused the transaction (``CommitFailed``).
+
+While the broker blocks publishing (``blocked``), an op that publishes is
+claimed (its waiter then waits however long) and held, not written: the
+broker would stop reading the socket after the first publish and the I/O
+thread would hang in ``tx.commit``. Held ops go first once the block ends;
+at a loss or stop they are resolved like pending ones.
 """
 import collections
 import heapq
@@ -40,11 +46,18 @@ class CommitQueue:
         self.history = history
         self._ops = collections.deque()
         self._delayed = []
+        #: Claimed ops that publish, held while the broker blocks.
+        self._held = []
         self._sequence = itertools.count()
 
     def submit(self, op):
         """Queue an ``IChannelOp``; any thread."""
         self._ops.append(op)
+
+    @property
+    def held(self):
+        """How many ops are held while the broker blocks publishing."""
+        return len(self._held)
 
     def poll_timeout(self, timeout, now=None):
         """How long the loop may wait for the socket: 0 with ops pending,
@@ -56,17 +69,17 @@ class CommitQueue:
             timeout = min(timeout, max(0, self._delayed[0][0] - now))
         return timeout
 
-    def commit_due(self, channel, send_channel, now=None):
+    def commit_due(self, channel, send_channel, now=None, blocked=False):
         """Execute every due op; commit each channel's share once.
 
         Ops on deliveries go to ``channel`` (the consumer channel), sends
-        to ``send_channel``. Connection errors propagate after every taken
-        op was resolved or put back.
+        to ``send_channel``. With ``blocked`` ops that publish are held
+        instead. Connection errors propagate after every taken op was
+        resolved or put back.
         """
         batches = {}
-        for op in self._take_due(time.time() if now is None else now):
-            if not op.claim():
-                continue  # its waiter gave up; it must not happen now
+        for op in self._claim_due(
+                time.time() if now is None else now, blocked):
             target = self._channel_for(op, channel, send_channel)
             if target is None:
                 op.resolve(self.history.stale_error(op.delivery))
@@ -84,7 +97,8 @@ class CommitQueue:
                 raise
 
     def fail_pending(self, error=None, stale_only=False):
-        """Resolve pending ops with ``error`` (or their loss's error).
+        """Resolve pending and held ops with ``error`` (or their loss's
+        error); return how many were resolved.
 
         With ``stale_only`` sends not yet carried out stay queued for the
         next connection: nothing of them reached the broker.
@@ -93,13 +107,30 @@ class CommitQueue:
         self._ops.clear()
         pending.extend(item[2] for item in self._delayed)
         self._delayed = []
-        for op in pending:
+        held, self._held = self._held, []
+        resolved = 0
+        for op in held + pending:
             if stale_only and op.delivery is None:
+                op.unclaim()  # a held send is pending again
                 self._ops.append(op)
-            elif error is None:
-                op.resolve(self.history.stale_error(op.delivery))
-            else:
-                op.resolve(error)
+            elif op in held or op.claim():
+                op.resolve(error or self.history.stale_error(op.delivery))
+                resolved += 1
+        return resolved
+
+    def _claim_due(self, now, blocked):
+        """The ops to execute now, claimed; hold publishing ones while
+        ``blocked``."""
+        if not blocked:
+            held, self._held = self._held, []
+            yield from held
+        for op in self._take_due(now):
+            if not op.claim():
+                continue  # its waiter gave up; it must not happen now
+            if blocked and op.publishes:
+                self._held.append(op)
+                continue
+            yield op
 
     def _take_due(self, now):
         while self._ops:

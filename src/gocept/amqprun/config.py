@@ -6,6 +6,7 @@ import os.path
 
 import ZConfig
 
+import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 
 
@@ -25,6 +26,14 @@ def positive_integer(value):
 def non_negative_float(value):
     """Datatype: a number >= 0."""
     return _checked(float(value), lambda v: v >= 0, 'must not be negative')
+
+
+def broker_nodes(value):
+    """Datatype: one or more ``host[:port]`` entries (spaces or commas);
+    the text is kept, :class:`gocept.amqprun.connection.Parameters` parses
+    it."""
+    gocept.amqprun.connection.parse_nodes(value, 5672)
+    return value
 
 
 def _checked(value, condition, problem):

@@ -1,19 +1,24 @@
-"""Parameters and the AMQP connection: connect, open channels, publish,
-and what a broken connection means.
+"""Parameters and the AMQP connection: broker nodes, TLS, connect, open
+channels, publish, and what a broken connection means.
 
 Runs on: the I/O thread (``Parameters`` is a value usable anywhere). Together
 with ``server.py`` the only module that talks to the AMQP client library:
-``OpChannel`` is the face of a channel that channel ops see, ``Loss``
-classifies why a connection ended, ``ConnectionHistory`` remembers the
-losses of the last connections.
+``Node`` is one broker node of the ``hostname`` list, ``OpChannel`` is the
+face of a channel that channel ops see, ``Loss`` classifies why a
+connection ended, ``ConnectionHistory`` remembers the losses of the last
+connections.
 """
 import logging
+import random
 import re
 import socket
+import ssl
 import struct
 
 import amqp
 import amqp.exceptions
+import amqp.spec
+import amqp.transport
 
 import gocept.amqprun.interfaces
 
@@ -21,6 +26,7 @@ import gocept.amqprun.interfaces
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5672
+DEFAULT_TLS_PORT = 5671
 
 #: Errors after which the connection (and every channel on it) is unusable.
 CONNECTION_ERRORS = (
@@ -45,6 +51,12 @@ CONFIGURATION_REFUSALS = (
 EXCHANGE_REFUSALS = CONFIGURATION_REFUSALS + (
     amqp.exceptions.InvalidCommand,)
 
+#: What RabbitMQ answers (NOT_FOUND, "failed to perform operation on queue
+#: ... due to timeout") when a queue's process cannot be reached in time:
+#: a quorum queue without a leader while the cluster elects one. Not a
+#: configuration problem; the cluster heals.
+UNAVAILABLE_QUEUE_TEXT = re.compile(r'due to timeout|nodedown|noproc', re.I)
+
 #: The heartbeat we ask for when ``heartbeat_interval`` is 0. py-amqp turns
 #: heartbeats off for 0, but 0 means "take the broker's proposal" here (as
 #: in the 1.x line): the broker's value wins as the smaller one; a broker
@@ -56,31 +68,153 @@ ACCEPT_BROKER_HEARTBEAT = 65535
 MAX_IO_TIMEOUT = 60.0
 
 
+class Node:
+    """One broker node: ``host`` and ``port``; ``str()`` is ``host:port``.
+    """
+
+    def __init__(self, host, port):
+        self.host = host
+        self.port = int(port)
+
+    @property
+    def address(self):
+        """``host:port`` (IPv6 addresses in brackets)."""
+        host = '[%s]' % self.host if ':' in self.host else self.host
+        return '%s:%d' % (host, self.port)
+
+    def __str__(self):
+        return self.address
+
+    def __repr__(self):
+        return '<Node %s>' % self.address
+
+    def __eq__(self, other):
+        return (isinstance(other, Node)
+                and (self.host, self.port) == (other.host, other.port))
+
+    def __hash__(self):
+        return hash((self.host, self.port))
+
+
+def parse_nodes(hostname, default_port):
+    """The :class:`Node` list of a ``hostname`` setting.
+
+    ``hostname`` is one string of ``host`` or ``host:port`` entries
+    separated by spaces or commas (``[v6addr]:port`` for IPv6), or a
+    list of such entries. Raises ``ValueError`` for an empty list or a
+    port that is not a number.
+    """
+    if isinstance(hostname, str):
+        entries = hostname.replace(',', ' ').split()
+    else:
+        entries = [entry.strip() for entry in hostname]
+    nodes = [parse_node(entry, default_port) for entry in entries if entry]
+    if not nodes:
+        raise ValueError('hostname names no broker node: %r' % (hostname,))
+    return nodes
+
+
+def parse_node(entry, default_port):
+    """One ``host[:port]`` entry as a :class:`Node`."""
+    if entry.startswith('['):
+        host, _, rest = entry[1:].partition(']')
+        port = rest[1:] if rest.startswith(':') else default_port
+    elif entry.count(':') == 1:
+        host, port = entry.split(':')
+    else:
+        host, port = entry, default_port
+    try:
+        return Node(host, port or default_port)
+    except ValueError:
+        raise ValueError('invalid port in broker node %r' % entry) from None
+
+
+def tls_context(option, ca_file=None, cert_file=None, key_file=None,
+                verify=True):
+    """The ``ssl.SSLContext`` for the ``ssl`` setting, or None without TLS.
+
+    ``option`` is False, True or a ready ``SSLContext`` (used as it is).
+    Verification checks the chain against ``ca_file`` (default: the system
+    store) and the host name. Raises ``ConfigurationError`` when a file
+    cannot be used.
+    """
+    if isinstance(option, ssl.SSLContext):
+        return option
+    if not option:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise gocept.amqprun.interfaces.ConfigurationError(
+            'Cannot use the TLS files (ssl_ca_file %s, ssl_cert_file %s, '
+            'ssl_key_file %s): %s' % (ca_file, cert_file, key_file,
+                                      describe(e))) from e
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class Parameters:
     """How to reach the broker and how to behave on the connection.
 
     The keyword names of the original (``hostname``, ``port``,
     ``username``, ``password``, ``virtual_host``, ``heartbeat_interval``)
-    plus this project's additions. Unknown keywords are a ``TypeError``.
+    plus this project's additions. Unknown keywords are a ``TypeError``;
+    an unusable node list or TLS file a ``ValueError`` or
+    ``ConfigurationError``.
+
+    ``hostname`` lists one or more broker nodes (see ``parse_nodes()``);
+    ``port`` is the port of those that name none (default 5672, 5671 with
+    TLS). ``nodes`` is the list in the order they are tried (shuffled once
+    with ``shuffle_hosts``). With one node ``hostname`` and ``port`` are
+    its host and port, as in the 1.x line; with several, ``hostname`` is
+    their ``host:port`` list.
+
+    ``ssl`` is False, True (a context is built from ``ssl_ca_file``,
+    ``ssl_cert_file``, ``ssl_key_file`` and ``ssl_verify``) or an
+    ``ssl.SSLContext``; ``ssl_server_hostname`` is the name the node
+    certificates are checked against (default: the host of each node).
     """
 
-    def __init__(self, hostname='localhost', port=DEFAULT_PORT,
+    def __init__(self, hostname='localhost', port=None,
                  username=None, password=None, virtual_host='/',
                  heartbeat_interval=0, connect_timeout=10,
                  prefetch_count=10, ssl=False, startup_attempts=5,
-                 reconnect_delay=1.0, reconnect_max_delay=30.0):
-        self.hostname = hostname
-        self.port = int(port) if port else DEFAULT_PORT
+                 reconnect_delay=1.0, reconnect_max_delay=30.0,
+                 shuffle_hosts=False, ssl_ca_file=None, ssl_cert_file=None,
+                 ssl_key_file=None, ssl_verify=True,
+                 ssl_server_hostname=None):
+        self.ssl = ssl
+        self.port = int(port) if port else (
+            DEFAULT_TLS_PORT if ssl else DEFAULT_PORT)
+        self.nodes = parse_nodes(hostname, self.port)
+        self.shuffle_hosts = bool(shuffle_hosts)
+        if self.shuffle_hosts:
+            random.shuffle(self.nodes)
+        if len(self.nodes) == 1:
+            self.hostname, self.port = self.nodes[0].host, self.nodes[0].port
+        else:
+            self.hostname = ','.join(node.address for node in self.nodes)
         self.username = username
         self.password = password
         self.virtual_host = virtual_host or '/'
         self.heartbeat_interval = int(heartbeat_interval or 0)
         self.connect_timeout = float(connect_timeout)
         self.prefetch_count = int(prefetch_count)
-        self.ssl = ssl
         self.startup_attempts = int(startup_attempts)
         self.reconnect_delay = float(reconnect_delay)
         self.reconnect_max_delay = float(reconnect_max_delay)
+        self.ssl_ca_file = ssl_ca_file
+        self.ssl_cert_file = ssl_cert_file
+        self.ssl_key_file = ssl_key_file
+        self.ssl_verify = bool(ssl_verify)
+        self.ssl_server_hostname = ssl_server_hostname
+        #: The ``ssl.SSLContext`` connections use, or None without TLS.
+        self.tls_context = tls_context(
+            ssl, ssl_ca_file, ssl_cert_file, ssl_key_file, self.ssl_verify)
 
     @classmethod
     def from_section(cls, section, **overrides):
@@ -94,38 +228,70 @@ class Parameters:
 
     @property
     def address(self):
-        """``host:port`` as shown in log lines."""
-        return '%s:%s' % (self.hostname, self.port)
+        """``host:port`` of every node (comma separated), for log lines."""
+        return ', '.join(node.address for node in self.nodes)
+
+    @property
+    def authenticates_broker(self):
+        """False when TLS is on but the broker's certificate is not
+        verified (encrypted, yet anyone on the path may pose as the
+        broker); True otherwise."""
+        return (self.tls_context is None
+                or self.tls_context.verify_mode != ssl.CERT_NONE)
+
+    def server_hostname(self, node):
+        """The name ``node``'s certificate is checked against (and sent as
+        SNI)."""
+        return self.ssl_server_hostname or node.host
 
     def __repr__(self):
-        return '<Parameters amqp://%s@%s/%s>' % (
+        return '<Parameters %s://%s@%s/%s>' % (
+            'amqps' if self.tls_context else 'amqp',
             self.username or 'guest', self.address,
             self.virtual_host.lstrip('/') or '%2F')
 
 
-def connect(parameters):
-    """Open and return an AMQP connection.
+def connect(parameters, node=None, on_blocked=None, on_unblocked=None):
+    """Open and return an AMQP connection to ``node`` (default: the first).
+
+    ``on_blocked(reason)`` and ``on_unblocked()`` are called on the I/O
+    thread, from inside a frame read, when the broker blocks or unblocks
+    publishing on the connection (``connection.blocked``).
 
     Raises ``AccessRefused`` (fatal) when the broker rejects credentials or
-    virtual host; network errors propagate as ``OSError`` and friends.
+    virtual host and ``TLSError`` (fatal) when the TLS handshake fails;
+    network errors propagate as ``OSError`` and friends.
     """
+    node = parameters.nodes[0] if node is None else node
+    tls = parameters.tls_context
     connection = amqp.Connection(
-        host=parameters.address,
+        host=node.address,
         userid=parameters.username or 'guest',
         password=parameters.password or 'guest',
         virtual_host=parameters.virtual_host,
         heartbeat=parameters.heartbeat_interval or ACCEPT_BROKER_HEARTBEAT,
         connect_timeout=parameters.connect_timeout,
-        ssl=parameters.ssl,
+        ssl=dict(context=tls, server_hostname=parameters.server_hostname(
+            node)) if tls is not None else False,
     )
+    if tls is not None:
+        connection.Transport = TLSTransport.for_connection
+    if on_blocked is not None:
+        report_blocked_reason(connection, on_blocked)
+    connection.on_unblocked = on_unblocked
     try:
         connection.connect()
     except REFUSALS as e:
         connection.collect()
         raise gocept.amqprun.interfaces.AccessRefused(
             'The broker at %s refused user %r on virtual host %r: %s' % (
-                parameters.address, parameters.username or 'guest',
+                node, parameters.username or 'guest',
                 parameters.virtual_host, e.reply_text or e)) from e
+    except ssl.SSLError as e:
+        connection.collect()
+        raise gocept.amqprun.interfaces.TLSError(
+            'TLS handshake with the AMQP broker at %s failed: %s' % (
+                node, describe_tls_error(e))) from e
     except amqp.exceptions.ConnectionForced as e:
         connection.collect()
         raise ConnectionRefusedError(str(e)) from e
@@ -138,6 +304,60 @@ def connect(parameters):
     # A live broker sends something at least every heartbeat interval.
     connection.transport.sock.settimeout(io_timeout(connection.heartbeat))
     return connection
+
+
+class TLSTransport(amqp.transport.SSLTransport):
+    """py-amqp's TLS transport, wrapping the socket with our SSLContext.
+
+    py-amqp 5 builds a context of its own from a dict of options; it
+    cannot take a ready ``ssl.SSLContext`` (client certificate, CA file,
+    host name check and whatever a user configured on theirs).
+    """
+
+    @classmethod
+    def for_connection(cls, host, connect_timeout, ssl=None,
+                       read_timeout=None, write_timeout=None,
+                       socket_settings=None, **kw):
+        """Stands in for ``amqp.Connection.Transport``."""
+        return cls(host, connect_timeout=connect_timeout, ssl=ssl,
+                   read_timeout=read_timeout, write_timeout=write_timeout,
+                   socket_settings=socket_settings, **kw)
+
+    def _wrap_socket(self, sock, context=None, server_hostname=None):
+        return context.wrap_socket(
+            sock, server_hostname=server_hostname,
+            do_handshake_on_connect=False)
+
+
+def describe_tls_error(error):
+    """Why a TLS handshake failed, in words an operator can act on."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return 'the certificate does not verify (%s)' % (
+            error.verify_message or error.reason)
+    reason = getattr(error, 'reason', None) or describe(error)
+    if reason in ('WRONG_VERSION_NUMBER', 'UNKNOWN_PROTOCOL',
+                  'RECORD_LAYER_FAILURE', 'PACKET_LENGTH_TOO_LONG',
+                  'HTTP_REQUEST'):
+        return '%s: the port does not speak TLS (a plain AMQP port?)' % (
+            reason)
+    if 'CERTIFICATE_REQUIRED' in reason or 'UNKNOWN_CA' in reason \
+            or 'BAD_CERTIFICATE' in reason:
+        return '%s: the broker refused our client certificate ' \
+            '(ssl_cert_file, ssl_key_file)' % reason
+    return reason
+
+
+def report_blocked_reason(connection, on_blocked):
+    """Call ``on_blocked(reason)`` with the broker's own reason text.
+
+    py-amqp 5 declares ``connection.blocked`` without arguments and hands
+    its callback a fixed text; the frame carries the broker's reason ("low
+    on memory", "low on disk"), which is what an operator needs to read.
+    """
+    blocked = amqp.spec.Connection.Blocked
+    connection._METHODS = dict(connection._METHODS)
+    connection._METHODS[blocked] = amqp.spec.method(blocked, 's')
+    connection._callbacks[blocked] = on_blocked
 
 
 def io_timeout(heartbeat):

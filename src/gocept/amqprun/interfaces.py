@@ -173,8 +173,12 @@ class ISender(zope.interface.Interface):
         while the connection is being re-established) waits in its commit
         for up to 60 seconds (``datamanager.COMMIT_TIMEOUT``); if no
         connection is usable by then the commit fails with
-        ``CommitFailed`` and nothing is published. Returns None; raises
-        nothing itself (errors surface in the caller's ``commit()``).
+        ``CommitFailed`` and nothing is published. While the broker blocks
+        publishing (a resource alarm) a commit the I/O thread has taken
+        waits until the broker unblocks, however long; when the server
+        stops meanwhile it fails with ``ConnectionLost``. Returns None;
+        raises nothing itself (errors surface in the caller's
+        ``commit()``).
         """
 
 
@@ -410,6 +414,13 @@ class IServer(ILoop, ISender):
         thread's previous session on exit.
         """
 
+    blocked = zope.interface.Attribute(
+        'None, or the reason text while the broker blocks publishing on '
+        'the connection (``connection.blocked``: a memory or disk alarm).')
+    node = zope.interface.Attribute(
+        '``host:port`` of the broker node the server is connected to, or '
+        'None while it is not connected.')
+
     def stop_consuming():
         """Cancel the consumers at the next loop pass; any thread.
 
@@ -479,6 +490,11 @@ class IChannelOp(zope.interface.Interface):
     not_before = zope.interface.Attribute(
         'Seconds since the epoch before which the I/O thread must not '
         'execute the op (0: at once). Read by the I/O thread only.')
+    publishes = zope.interface.Attribute(
+        'True when executing the op publishes messages. While the broker '
+        'blocks publishing the I/O thread claims such an op and holds it '
+        'until the broker unblocks (or the connection ends); ops that only '
+        'ack or reject go on.')
 
     def claim():
         """Take the op for execution; I/O thread only.
@@ -576,6 +592,31 @@ class DeclareRefused(ConfigurationError):
     ``NOT_FOUND`` (a missing exchange), ``ACCESS_REFUSED`` or, for an
     exchange, ``COMMAND_INVALID`` (a type no enabled plugin provides): the
     configuration does not fit the broker, and retrying cannot fix it.
+    """
+
+
+class QueueUnavailable(RecoverableError):
+    """The broker could not reach a queue it has: a declare or consume
+    timed out inside the broker.
+
+    A quorum queue answers so while it has no leader (a node was lost and
+    the cluster is electing one): the server reconnects and declares again
+    after the backoff, as after a lost connection.
+
+    .. versionadded:: 2.0
+    """
+
+
+class TLSError(FatalError):
+    """The TLS handshake with a broker node failed.
+
+    The node's certificate does not verify (unknown CA, wrong host name,
+    expired), the node refused our client certificate, or the port does
+    not speak TLS. Retrying cannot fix it: at start-up the process stops
+    (exit status 1); once it was connected, the server tries the other
+    nodes.
+
+    .. versionadded:: 2.0
     """
 
 

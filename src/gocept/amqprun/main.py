@@ -34,6 +34,10 @@ import gocept.amqprun.worker
 
 log = logging.getLogger(__name__)
 
+#: Seconds the I/O thread gets to close the connection at shutdown, after
+#: the handlers' ``shutdown-timeout``.
+IO_STOP_TIMEOUT = 10
+
 
 def main(config_file=None):
     """Run the daemon with ``config_file`` (default: ``sys.argv[1]``)."""
@@ -174,13 +178,23 @@ def shut_down(conf, pool, server, io_thread):
     server.stop_consuming()
     survivors = pool.stop(conf.worker.shutdown_timeout)
     if survivors:
-        log.warning('%d handler(s) did not finish within %s s; their '
-                    'messages go back to the broker', len(survivors),
-                    conf.worker.shutdown_timeout)
+        # Whether their commits still go through is the I/O thread's to
+        # tell: it logs what it did not carry out when it stops.
+        log.warning('%d handler(s) did not finish within %s s%s; what they '
+                    'have not committed when the connection closes goes '
+                    'back to the broker', len(survivors),
+                    conf.worker.shutdown_timeout,
+                    ' (publishing blocked by the broker: %s)' % server.blocked
+                    if server.blocked else '')
     zope.event.notify(
         gocept.amqprun.interfaces.WorkersStopped(len(survivors)))
     server.stop()
-    io_thread.join(30)
+    io_thread.join(IO_STOP_TIMEOUT)
+    if io_thread.is_alive():
+        log.warning('The I/O thread did not stop within %s s (a broker '
+                    'call it waits for is not answered); exiting anyway: '
+                    'what it did not commit goes back to the broker',
+                    IO_STOP_TIMEOUT)
     if server.error is not None:
         return 1
     return gocept.amqprun.process.exit_status()

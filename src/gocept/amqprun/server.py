@@ -8,8 +8,16 @@ workers, has the commit queue (``commits``) carry out the ops workers
 submitted and keeps heartbeats flowing. When the connection is lost it fails
 the pending ops of the lost connection with ``ConnectionLost`` (sends not yet
 carried out wait for the next connection), drops the deliveries no worker
-took yet, reconnects with capped exponential backoff, re-declares the
-exchanges and queues (``topology``) and consumes again.
+took yet, reconnects, re-declares the exchanges and queues (``topology``)
+and consumes again.
+
+Several broker nodes: a connect attempt is one round over the nodes,
+starting after the node that was lost (so a dead node is not the first one
+tried again); only between failed rounds does the server back off (capped
+exponential). While the broker blocks publishing (``connection.blocked``,
+a resource alarm) ops that publish are held in the commit queue and the
+loop goes on reading frames, so heartbeats and acks keep flowing and a stop
+stays bounded.
 """
 import contextlib
 import fcntl
@@ -37,6 +45,15 @@ from gocept.amqprun.connection import describe
 
 
 log = logging.getLogger(__name__)
+
+
+#: Errors of a connect attempt that the next attempt may not see: a queue
+#: that is unavailable while a cluster heals.
+RETRYABLE_CONNECT_ERRORS = (gocept.amqprun.interfaces.QueueUnavailable,)
+
+#: Errors of a connect attempt that retrying the same node cannot fix.
+FATAL_CONNECT_ERRORS = (gocept.amqprun.interfaces.AccessRefused,
+                        gocept.amqprun.interfaces.TLSError)
 
 
 class Delivery:
@@ -83,6 +100,10 @@ class Server(gocept.amqprun.process.LoopState):
         self.error = None
         self.connection = None
         self.consuming = False
+        #: None, or the broker's reason while it blocks publishing.
+        self.blocked = None
+        #: ``host:port`` of the connected node, or None.
+        self.node = None
         self.history = gocept.amqprun.connection.ConnectionHistory()
         self.commits = gocept.amqprun.commits.CommitQueue(self.history)
         super().__init__()
@@ -90,7 +111,11 @@ class Server(gocept.amqprun.process.LoopState):
         self._stop_consuming = False
         self._channel = None
         self._send_channel = None
+        #: The connection's socket, for ``_abort_blocked_io()``.
+        self._socket = None
         self._consumer_tags = []
+        #: Index in ``parameters.nodes`` where the next round starts.
+        self._first_node = 0
         self._local = threading.local()
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -100,10 +125,38 @@ class Server(gocept.amqprun.process.LoopState):
     # -- any thread ---------------------------------------------------------
 
     def stop(self):
-        """Make ``start()`` return: it closes the connection first."""
+        """Make ``start()`` return: it closes the connection first.
+
+        While the broker blocks publishing it drops the connection instead
+        (see ``_abort_blocked_io()``): stopping stays bounded.
+        """
         log.info('Stopping message reader.')
         self._should_stop = True
         self._wake()
+        if self.blocked is not None:
+            self._abort_blocked_io()
+
+    def _abort_blocked_io(self):
+        """End a broker call the I/O thread waits for in vain.
+
+        RabbitMQ announces ``connection.blocked`` only once it has stopped
+        reading the connection, i.e. after the publish of a commit: that
+        commit's ``tx.commit`` waits for the unblock, however long.
+        Shutting the socket down (safe from any thread; the plain socket's
+        method, so that a TLS socket's state is left to the I/O thread)
+        makes the wait fail like a lost connection. The broker never read
+        the commit: its messages go back to the broker.
+        """
+        sock = self._socket
+        if sock is None:
+            return
+        log.warning('Dropping the connection to %s, blocked by the broker '
+                    '(%s): what it has not committed goes back to the '
+                    'broker', self.node, self.blocked)
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed meanwhile: the I/O thread is not waiting on it
 
     def stop_consuming(self):
         """Cancel the consumers; deliveries already received stay queued."""
@@ -148,6 +201,11 @@ class Server(gocept.amqprun.process.LoopState):
         """Run the I/O loop until ``stop()``; reconnect when needed."""
         threading.current_thread().name = 'amqprun-io'
         log.info('Starting message reader.')
+        if not self.parameters.authenticates_broker:
+            log.warning('TLS without verification (ssl_verify false): the '
+                        'connection to %s is encrypted but not '
+                        'authenticated; anyone on the network path can pose '
+                        'as the broker', self.parameters.address)
         try:
             self._run()
         except gocept.amqprun.interfaces.FatalError as e:
@@ -161,38 +219,39 @@ class Server(gocept.amqprun.process.LoopState):
         finally:
             self._running.clear()
             self._disconnect()
-            self.commits.fail_pending(
-                gocept.amqprun.interfaces.ConnectionLost(
-                    'The server stopped'))
+            self._fail_unfinished()
             log.info('Message reader stopped.')
 
+    def _fail_unfinished(self):
+        """At the end: what was not carried out goes back to the broker."""
+        unfinished = self.commits.fail_pending(
+            gocept.amqprun.interfaces.ConnectionLost('The server stopped'))
+        if unfinished:
+            log.warning('%d commit(s) were not carried out before the '
+                        'connection closed: nothing of them was published; '
+                        'the messages they were to acknowledge go back to '
+                        'the broker', unfinished)
+
     def _run(self):
-        failures = 0
+        rounds = 0  # failed rounds in a row
         ever_connected = False
         while not self._should_stop:
             try:
-                self._connect()
-            except gocept.amqprun.interfaces.AccessRefused as e:
-                if not ever_connected:
-                    raise  # wrong credentials or vhost: fatal at once
-                # Once we were in, a refusal may be a vhost that is still
-                # starting after a broker restart: keep trying.
-                failures += 1
-                self._disconnect(graceful=False)
-                self._back_off(failures, e)
-                continue
-            except gocept.amqprun.connection.CONNECTION_ERRORS as e:
-                failures += 1
-                self._disconnect(graceful=False)
+                self._connect_some_node(fatal=not ever_connected)
+            except (gocept.amqprun.connection.CONNECTION_ERRORS
+                    + RETRYABLE_CONNECT_ERRORS) as e:
+                rounds += 1
                 if (not ever_connected
-                        and failures >= self.parameters.startup_attempts):
+                        and rounds >= self.parameters.startup_attempts):
                     raise gocept.amqprun.interfaces.BrokerUnreachable(
                         'Cannot connect to the AMQP broker at %s: %s '
                         '(gave up after %d attempts)' % (
-                            self.parameters.address, describe(e), failures))
-                self._back_off(failures, e)
+                            self.parameters.address, describe(e), rounds))
+                self._back_off(rounds, e)
                 continue
-            failures = 0
+            if self._should_stop:
+                break
+            rounds = 0
             ever_connected = True
             self._running.set()
             try:
@@ -200,12 +259,51 @@ class Server(gocept.amqprun.process.LoopState):
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
                 self._lose_connection(e)
 
-    def _back_off(self, failures, error):
-        delay = min(self.parameters.reconnect_delay * 2 ** (failures - 1),
+    def _connect_some_node(self, fatal):
+        """One round: connect to the first node that answers.
+
+        The round starts at ``_first_node`` and goes round the list once.
+        A refusal (credentials, TLS) is raised at once when ``fatal`` (at
+        start-up); later it is logged and the next node is tried. Raises
+        the last node's error when none answered.
+        """
+        nodes = self.parameters.nodes
+        error = None
+        for offset in range(len(nodes)):
+            if self._should_stop:
+                return
+            index = (self._first_node + offset) % len(nodes)
+            try:
+                self._connect(nodes[index])
+            except FATAL_CONNECT_ERRORS as e:
+                self._disconnect(graceful=False)
+                if fatal:
+                    raise
+                # Once we were in, a refusal may be a vhost that is still
+                # starting after a broker restart, or one node's
+                # certificate: the others may do.
+                log.log(logging.CRITICAL if isinstance(
+                    e, gocept.amqprun.interfaces.TLSError)
+                    else logging.WARNING, '%s', e)
+                error = e
+            except (gocept.amqprun.connection.CONNECTION_ERRORS
+                    + RETRYABLE_CONNECT_ERRORS) as e:
+                self._disconnect(graceful=False)
+                log.warning('Cannot connect to the AMQP broker at %s: %s',
+                            nodes[index], describe(e))
+                error = e
+            else:
+                # After a loss of this node, start with the next one.
+                self._first_node = (index + 1) % len(nodes)
+                return
+        raise error
+
+    def _back_off(self, rounds, error):
+        delay = min(self.parameters.reconnect_delay * 2 ** (rounds - 1),
                     self.parameters.reconnect_max_delay)
-        log.warning('Cannot connect to the AMQP broker at %s: %s; '
-                    'retrying in %.1f s', self.parameters.address,
-                    describe(error), delay)
+        log.warning('No AMQP broker node of %s answered (%s); retrying in '
+                    '%.1f s', self.parameters.address, describe(error),
+                    delay)
         self._sleep(delay)
 
     def _sleep(self, seconds):
@@ -224,10 +322,15 @@ class Server(gocept.amqprun.process.LoopState):
             select.select([self._wake_r], [], [], remaining)
             self._drain_wake_pipe()
 
-    def _connect(self):
-        self.connection = gocept.amqprun.connection.connect(self.parameters)
+    def _connect(self, node):
+        log.debug('Connecting to the AMQP broker at %s', node)
+        self.connection = gocept.amqprun.connection.connect(
+            self.parameters, node, on_blocked=self._on_blocked,
+            on_unblocked=self._on_unblocked)
+        self.node = node.address
+        self._socket = self.connection.transport.sock
         self.history.connected()
-        log.info('AMQP connection to %s opened.', self.parameters.address)
+        log.info('AMQP connection to %s opened.', node)
         self._channel = gocept.amqprun.connection.open_channel(
             self.connection)
         self._send_channel = gocept.amqprun.connection.open_channel(
@@ -296,7 +399,21 @@ class Server(gocept.amqprun.process.LoopState):
         self._commit_due()
 
     def _commit_due(self):
-        self.commits.commit_due(self._channel, self._send_channel)
+        self.commits.commit_due(self._channel, self._send_channel,
+                                blocked=self.blocked is not None)
+
+    def _on_blocked(self, reason=None):
+        """py-amqp calls it from inside a frame read: only take note."""
+        self.blocked = reason or 'no reason given'
+        log.warning('publishing blocked by the broker: %s; commits wait '
+                    '(node %s)', self.blocked, self.node)
+
+    def _on_unblocked(self):
+        """py-amqp calls it from inside a frame read: only take note; the
+        next pass of the loop carries out the held commits."""
+        log.info('publishing unblocked by the broker; %d held commit(s) '
+                 'go ahead (node %s)', self.commits.held, self.node)
+        self.blocked = None
 
     def _read_frames(self, sock):
         # One frame per blocking_read; go on while the socket has data, so
@@ -347,8 +464,9 @@ class Server(gocept.amqprun.process.LoopState):
                 'make handlers faster or raise consumer_timeout. '
                 'Reconnecting.', describe(error))
         else:
-            log.warning('Lost the connection to %s: %s; reconnecting',
-                        self.parameters.address, describe(error))
+            log.warning('Lost the connection to %s: %s; %s', self.node,
+                        describe(error),
+                        'stopping' if self._should_stop else 'reconnecting')
         self._running.clear()
         self.consuming = False
         # A dead or stalled peer never answers connection.close; a closed
@@ -388,6 +506,10 @@ class Server(gocept.amqprun.process.LoopState):
         connection, self.connection = self.connection, None
         self._channel = self._send_channel = None
         self._consumer_tags = []
+        # A blocked connection may not be read by the broker: close-ok
+        # would never come.
+        graceful = graceful and self.blocked is None
+        self.node = self.blocked = self._socket = None
         if connection is None:
             return
         if graceful:

@@ -7,7 +7,8 @@ duplicate-queue check also runs at start-up on the main thread, and
 the broker refuses because of the configuration (a queue or exchange that
 exists with other arguments or type, a missing exchange, no permission)
 raises ``DeclareRefused``, a fatal configuration error: retrying cannot fix
-it.
+it. A queue the broker cannot reach in time (a quorum queue without a
+leader) raises ``QueueUnavailable``: the server reconnects and tries again.
 """
 import contextlib
 import logging
@@ -136,10 +137,16 @@ def declare_queue(channel, handler, name):
 def refusals_as_configuration_errors(
         subject, refusals=gocept.amqprun.connection.CONFIGURATION_REFUSALS):
     """Turn the broker's configuration ``refusals`` of ``subject`` into
-    ``DeclareRefused``; let every other error through."""
+    ``DeclareRefused`` and a queue the broker cannot reach in time into
+    ``QueueUnavailable``; let every other error through."""
     try:
         yield
     except refusals as e:
+        text = gocept.amqprun.connection.describe(e)
+        if gocept.amqprun.connection.UNAVAILABLE_QUEUE_TEXT.search(text):
+            raise gocept.amqprun.interfaces.QueueUnavailable(
+                'The broker could not reach %s (a quorum queue without a '
+                'leader while the cluster heals?): %s' % (
+                    subject, text)) from e
         raise gocept.amqprun.interfaces.DeclareRefused(
-            'The broker refused %s: %s' % (
-                subject, gocept.amqprun.connection.describe(e))) from e
+            'The broker refused %s: %s' % (subject, text)) from e

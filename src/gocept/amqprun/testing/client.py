@@ -17,6 +17,7 @@ import uuid
 
 import amqp
 
+import gocept.amqprun.connection
 from gocept.amqprun.topology import DEFAULT_EXCHANGE
 
 
@@ -156,11 +157,8 @@ class QueueProbe:
     """A connection that asks the broker how many messages queues hold."""
 
     def __init__(self, parameters):
-        self.connection = amqp.Connection(
-            host=parameters.address, userid=parameters.username or 'guest',
-            password=parameters.password or 'guest',
-            virtual_host=parameters.virtual_host)
-        self.connection.connect()
+        # The first node of ``parameters``, with their TLS settings.
+        self.connection = gocept.amqprun.connection.connect(parameters)
         self.channel = self.connection.channel()
 
     def ready_counts(self, queues):

@@ -117,6 +117,8 @@ class FakeServer:
     """
 
     running = True
+    blocked = None
+    node = 'localhost:5672'
 
     def __init__(self, outcomes=()):
         self.channel = FakeChannel()
@@ -281,9 +283,13 @@ class FakeAMQPConnection:
 
     instances = []
     connect_errors = []
+    #: py-amqp's table of method signatures (``connect`` extends it).
+    _METHODS = {}
 
     def __init__(self, **kw):
         self.kw = kw
+        self._callbacks = {}
+        self.on_unblocked = None
         self.heartbeat = kw.get('heartbeat') or 0
         self.transport = FakeTransport()
         self.channels = []

@@ -277,3 +277,79 @@ def test_fail_pending_resolves_delayed_ops_and_keeps_sends(commits):
     assert not resolved(send)
     commits.fail_pending(RecoverableError('stopped'))
     assert isinstance(error_of(send), RecoverableError)
+
+
+# -- a broker that blocks publishing ------------------------------------------
+
+def blocked_pass(commits):
+    commits.commit_due(commits.channel, commits.send_channel, blocked=True)
+
+
+def test_blocked_broker_holds_publishing_ops_and_lets_acks_through(commits):
+    publish = Commit(delivered(1), [outgoing_message()])
+    send = Commit(None, [outgoing_message()])
+    ack = Commit(delivered(2), [])
+    reject = Reject(delivered(3))
+    for op in (publish, send, ack, reject):
+        commits.submit(op)
+    blocked_pass(commits)
+    assert commits.held == 2
+    assert commits.channel.names == ['basic_ack', 'basic_reject',
+                                     'tx_commit']
+    assert commits.send_channel.calls == []
+    assert not resolved(publish) and not resolved(send)
+    # Claimed: their waiters wait for the outcome, however long the block.
+    assert not publish.claim() and not send.claim()
+    assert commits.poll_timeout(1.0) == 1.0
+
+
+def test_held_ops_go_first_once_the_broker_unblocks(commits):
+    held = Commit(delivered(1), [outgoing_message(b'held')])
+    commits.submit(held)
+    blocked_pass(commits)
+    blocked_pass(commits)
+    assert commits.channel.calls == []
+    later = Commit(delivered(2), [outgoing_message(b'later')])
+    commits.submit(later)
+    run_pass(commits)
+    assert commits.held == 0
+    assert error_of(held) is None and error_of(later) is None
+    bodies = [call[1] for call in commits.channel.calls
+              if call[0] == 'basic_publish']
+    assert bodies == [b'held', b'later']
+    assert commits.channel.names.count('tx_commit') == 1
+
+
+def test_lost_connection_fails_held_ops_and_keeps_held_sends(commits):
+    held = Commit(delivered(1), [outgoing_message()])
+    send = Commit(None, [outgoing_message()])
+    commits.submit(held)
+    commits.submit(send)
+    blocked_pass(commits)
+    commits.history.lose(ConnectionResetError('reset'), time.monotonic())
+    assert commits.fail_pending(stale_only=True) == 1
+    assert isinstance(error_of(held), ConnectionLost)
+    assert not resolved(send)
+    commits.history.connected()
+    run_pass(commits)
+    assert error_of(send) is None
+    assert commits.send_channel.names == ['basic_publish', 'tx_commit']
+
+
+def test_stop_during_a_block_resolves_held_ops_unexecuted(commits):
+    held = Commit(delivered(1), [outgoing_message()])
+    commits.submit(held)
+    blocked_pass(commits)
+    stopped = ConnectionLost('The server stopped')
+    assert commits.fail_pending(stopped) == 1
+    assert error_of(held) is stopped
+    assert commits.channel.calls == []
+    assert commits.held == 0
+
+
+def test_fail_pending_skips_ops_whose_waiter_gave_up(commits):
+    op = Commit(None, [outgoing_message()])
+    commits.submit(op)
+    with pytest.raises(CommitFailed):
+        op.wait(0)
+    assert commits.fail_pending(ConnectionLost('stopped')) == 0

@@ -57,7 +57,8 @@ def test_load_gives_sections_with_defaults(write, tmp_path):
     conf = gocept.amqprun.config.load(write())
     server = conf.amqp_server
     assert server.hostname == 'localhost'
-    assert server.port == 5672
+    assert server.port is None  # 5672, or 5671 with ssl: see Parameters
+    assert server.shuffle_hosts is False
     assert server.username is None
     assert server.password is None
     assert server.virtual_host == '/'
@@ -65,6 +66,11 @@ def test_load_gives_sections_with_defaults(write, tmp_path):
     assert server.connect_timeout == 10.0
     assert server.prefetch_count is None
     assert server.ssl is False
+    assert server.ssl_ca_file is None
+    assert server.ssl_cert_file is None
+    assert server.ssl_key_file is None
+    assert server.ssl_verify is True
+    assert server.ssl_server_hostname is None
     assert server.startup_attempts == 5
     assert server.reconnect_delay == 1.0
     assert server.reconnect_max_delay == 30.0
@@ -214,3 +220,43 @@ def test_configuration_error_is_fatal():
 def test_one_line_folds_whitespace():
     assert gocept.amqprun.config.one_line(
         ValueError('a\n  b\tc ')) == 'a b c'
+
+
+def test_hostname_takes_several_nodes_and_keeps_the_text(write):
+    path = write(replace=('hostname localhost',
+                          'hostname rabbit1 rabbit2:5673,rabbit3'))
+    conf = gocept.amqprun.config.load(path)
+    assert conf.amqp_server.hostname == 'rabbit1 rabbit2:5673,rabbit3'
+
+
+def test_hostname_with_a_bad_port_is_named_with_its_line(write):
+    path = write(replace=('hostname localhost', 'hostname rabbit1:fivek'))
+    message = load_error(path)
+    assert "'rabbit1:fivek'" in message
+    assert 'line 7' in message
+
+
+def test_tls_files_must_exist(write, tmp_path):
+    message = load_error(write(amqp='ssl_ca_file %s' % (tmp_path / 'ca')))
+    assert str(tmp_path / 'ca') in message
+
+
+def test_tls_keys_are_read(write, tmp_path):
+    ca = tmp_path / 'ca.pem'
+    ca.write_text('')
+    conf = gocept.amqprun.config.load(write(amqp="""
+  ssl true
+  ssl_ca_file %s
+  ssl_cert_file %s
+  ssl_key_file %s
+  ssl_verify false
+  ssl_server_hostname rabbit.example.com
+  shuffle_hosts true
+""" % (ca, ca, ca)))
+    server = conf.amqp_server
+    assert server.ssl is True
+    assert server.ssl_ca_file == server.ssl_cert_file == str(ca)
+    assert server.ssl_key_file == str(ca)
+    assert server.ssl_verify is False
+    assert server.ssl_server_hostname == 'rabbit.example.com'
+    assert server.shuffle_hosts is True

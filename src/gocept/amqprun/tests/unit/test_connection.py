@@ -4,24 +4,36 @@ describe, ConnectionHistory.
 ``amqp.Connection`` is replaced by FakeAMQPConnection; no socket is opened.
 """
 import io
+import random
+import ssl
+import struct
 
+import amqp
 import amqp.exceptions
+import amqp.serialization
+import amqp.spec
 import pytest
 import ZConfig
 
 import gocept.amqprun.config
 from gocept.amqprun.connection import DEFAULT_PORT
 from gocept.amqprun.connection import ConnectionHistory
+from gocept.amqprun.connection import Node
 from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.connection import Parameters
+from gocept.amqprun.connection import TLSTransport
 from gocept.amqprun.connection import connect
 from gocept.amqprun.connection import describe
 from gocept.amqprun.connection import open_channel
+from gocept.amqprun.connection import parse_nodes
+from gocept.amqprun.connection import report_blocked_reason
 from gocept.amqprun.handler import Handler
 from gocept.amqprun.interfaces import AccessRefused
 from gocept.amqprun.interfaces import AckTimedOut
+from gocept.amqprun.interfaces import ConfigurationError
 from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.interfaces import FatalError
+from gocept.amqprun.interfaces import TLSError
 from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
 from gocept.amqprun.tests.unit.fakes import FakeAMQPConnection
@@ -31,6 +43,45 @@ from gocept.amqprun.tests.unit.fakes import FakeChannel
 def handler(queue='queue', routing_key='route', arguments=None):
     return Handler(queue, routing_key, lambda message: None,
                    arguments=arguments)
+
+
+# -- nodes --------------------------------------------------------------------
+
+def addresses(nodes):
+    return [node.address for node in nodes]
+
+
+@pytest.mark.parametrize('hostname', [
+    'rabbit1 rabbit2:5673 rabbit3', 'rabbit1,rabbit2:5673, rabbit3',
+    ' rabbit1\n rabbit2:5673\trabbit3 ',
+    ['rabbit1', 'rabbit2:5673', 'rabbit3']])
+def test_parse_nodes_takes_spaces_commas_and_lists(hostname):
+    assert addresses(parse_nodes(hostname, 5672)) == [
+        'rabbit1:5672', 'rabbit2:5673', 'rabbit3:5672']
+
+
+def test_parse_nodes_understands_ipv6_in_brackets():
+    nodes = parse_nodes('[::1]:5673 [fe80::1]', 5672)
+    assert [(node.host, node.port) for node in nodes] == [
+        ('::1', 5673), ('fe80::1', 5672)]
+    assert addresses(nodes) == ['[::1]:5673', '[fe80::1]:5672']
+
+
+@pytest.mark.parametrize('hostname, problem', [
+    ('', 'names no broker node'), (' , ', 'names no broker node'),
+    ('rabbit:fivek', "invalid port in broker node 'rabbit:fivek'")])
+def test_parse_nodes_refuses_what_names_no_node(hostname, problem):
+    with pytest.raises(ValueError, match=problem):
+        parse_nodes(hostname, 5672)
+
+
+def test_nodes_compare_by_host_and_port():
+    assert Node('a', 1) == Node('a', '1')
+    assert Node('a', 1) != Node('a', 2)
+    assert Node('a', 1) != 'a:1'
+    assert len({Node('a', 1), Node('a', 1)}) == 1
+    assert repr(Node('a', 1)) == '<Node a:1>'
+    assert str(Node('a', 1)) == 'a:1'
 
 
 # -- Parameters ---------------------------------------------------------------
@@ -64,6 +115,78 @@ def test_parameters_empty_port_and_virtual_host_get_defaults():
     parameters = Parameters(port=None, virtual_host='')
     assert parameters.port == 5672
     assert parameters.virtual_host == '/'
+
+
+def test_parameters_with_several_nodes():
+    parameters = Parameters(hostname='rabbit1 rabbit2:5673', port=5674)
+    assert addresses(parameters.nodes) == ['rabbit1:5674', 'rabbit2:5673']
+    assert parameters.address == 'rabbit1:5674, rabbit2:5673'
+    assert parameters.hostname == 'rabbit1:5674,rabbit2:5673'
+    assert parameters.port == 5674
+
+
+def test_parameters_with_one_node_and_its_port_keep_the_1x_meaning():
+    parameters = Parameters(hostname='broker:1234')
+    assert (parameters.hostname, parameters.port) == ('broker', 1234)
+    assert parameters.address == 'broker:1234'
+
+
+def test_parameters_shuffle_hosts_once(monkeypatch):
+    monkeypatch.setattr(random, 'shuffle', list.reverse)
+    parameters = Parameters(hostname='a b c', shuffle_hosts=True)
+    assert addresses(parameters.nodes) == ['c:5672', 'b:5672', 'a:5672']
+    assert parameters.shuffle_hosts is True
+    assert addresses(Parameters(hostname='a b c').nodes) == [
+        'a:5672', 'b:5672', 'c:5672']
+
+
+def test_parameters_default_port_with_tls_is_5671():
+    assert Parameters(ssl=True).port == 5671
+    assert Parameters(ssl=True, port=5673).port == 5673
+    assert Parameters(hostname='a b:5670', ssl=True).nodes[0].port == 5671
+
+
+def test_parameters_without_tls_have_no_context():
+    parameters = Parameters()
+    assert parameters.tls_context is None
+    assert parameters.authenticates_broker
+    assert repr(parameters).startswith('<Parameters amqp://')
+
+
+def test_parameters_with_tls_verify_chain_and_host_name():
+    parameters = Parameters(ssl=True)
+    context = parameters.tls_context
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert parameters.authenticates_broker
+    assert repr(parameters).startswith('<Parameters amqps://')
+    assert parameters.server_hostname(parameters.nodes[0]) == 'localhost'
+
+
+def test_parameters_with_tls_without_verification():
+    parameters = Parameters(ssl=True, ssl_verify=False)
+    assert parameters.tls_context.verify_mode == ssl.CERT_NONE
+    assert parameters.tls_context.check_hostname is False
+    assert not parameters.authenticates_broker
+
+
+def test_parameters_take_a_ready_ssl_context():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    parameters = Parameters(ssl=context, ssl_server_hostname='rabbit')
+    assert parameters.tls_context is context
+    assert parameters.port == 5671
+    assert parameters.server_hostname(parameters.nodes[0]) == 'rabbit'
+
+
+@pytest.mark.parametrize('keyword', ['ssl_ca_file', 'ssl_cert_file'])
+def test_parameters_with_an_unusable_tls_file_are_a_configuration_error(
+        tmp_path, keyword):
+    path = tmp_path / 'not-a-certificate.pem'
+    path.write_text('garbage')
+    with pytest.raises(ConfigurationError) as info:
+        Parameters(ssl=True, **{keyword: str(path)})
+    assert str(path) in str(info.value)
+    assert '\n' not in str(info.value)
 
 
 def test_parameters_convert_numbers():
@@ -149,12 +272,113 @@ def test_parameters_from_section_with_overrides():
 def test_connect_passes_parameters_to_the_client(fake_amqp):
     connection = connect(Parameters(
         hostname='broker', port='1234', username='user', password='secret',
-        virtual_host='vhost', heartbeat_interval=30, connect_timeout=3,
-        ssl=True))
+        virtual_host='vhost', heartbeat_interval=30, connect_timeout=3))
     assert connection.kw == dict(
         host='broker:1234', userid='user', password='secret',
-        virtual_host='vhost', heartbeat=30, connect_timeout=3.0, ssl=True)
+        virtual_host='vhost', heartbeat=30, connect_timeout=3.0, ssl=False)
     assert connection.calls == ['connect']
+    assert 'Transport' not in vars(connection)
+
+
+def test_connect_goes_to_the_node_it_is_given(fake_amqp):
+    parameters = Parameters(hostname='rabbit1 rabbit2:5673')
+    connection = connect(parameters, parameters.nodes[1])
+    assert connection.kw['host'] == 'rabbit2:5673'
+
+
+def test_connect_with_tls_wraps_the_socket_with_our_context(fake_amqp):
+    context = ssl.create_default_context()
+    parameters = Parameters(hostname='rabbit1 rabbit2', ssl=context)
+    connection = connect(parameters, parameters.nodes[1])
+    assert connection.kw['ssl'] == dict(
+        context=context, server_hostname='rabbit2')
+    assert connection.Transport == TLSTransport.for_connection
+
+
+def test_connect_with_tls_checks_the_configured_server_hostname(fake_amqp):
+    connection = connect(Parameters(
+        hostname='127.0.0.1', ssl=True, ssl_server_hostname='localhost'))
+    assert connection.kw['ssl']['server_hostname'] == 'localhost'
+
+
+def test_tls_transport_wraps_with_the_context_without_handshake():
+    calls = []
+
+    class Context:
+        def wrap_socket(self, sock, **kw):
+            calls.append((sock, kw))
+            return 'wrapped'
+
+    transport = TLSTransport.for_connection(
+        'rabbit:5671', 3, ssl=dict(context=Context(),
+                                   server_hostname='rabbit'))
+    assert transport._wrap_socket('sock', **transport.sslopts) == 'wrapped'
+    assert calls == [('sock', dict(server_hostname='rabbit',
+                                   do_handshake_on_connect=False))]
+
+
+def test_connect_with_a_certificate_that_does_not_verify_is_fatal(
+        fake_amqp):
+    error = ssl.SSLCertVerificationError(
+        1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed')
+    error.verify_message = 'unable to get local issuer certificate'
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(TLSError) as info:
+        connect(Parameters(hostname='rabbit:5671', ssl=True))
+    assert isinstance(info.value, FatalError)
+    assert str(info.value) == (
+        'TLS handshake with the AMQP broker at rabbit:5671 failed: the '
+        'certificate does not verify (unable to get local issuer '
+        'certificate)')
+    assert fake_amqp.instances[0].calls == ['connect', 'collect']
+
+
+def test_tls_against_a_plain_port_says_so(fake_amqp):
+    error = ssl.SSLError(1, '[SSL: WRONG_VERSION_NUMBER] wrong version')
+    error.reason = 'WRONG_VERSION_NUMBER'
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(TLSError, match='rabbit:5672 failed: '
+                       'WRONG_VERSION_NUMBER: the port does not speak TLS'):
+        connect(Parameters(hostname='rabbit', port=5672, ssl=True))
+
+
+def test_a_refused_client_certificate_names_the_files_to_check(fake_amqp):
+    error = ssl.SSLError(1, 'alert')
+    error.reason = 'TLSV13_ALERT_CERTIFICATE_REQUIRED'
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(TLSError, match='refused our client certificate'):
+        connect(Parameters(ssl=True))
+
+
+def test_other_tls_errors_give_their_reason(fake_amqp):
+    fake_amqp.connect_errors = [ssl.SSLError(1, 'odd')]
+    with pytest.raises(TLSError, match='failed: SSLError: .*odd'):
+        connect(Parameters(ssl=True))
+
+
+def test_connect_hands_the_brokers_blocked_reason_to_the_callback():
+    # A real py-amqp connection object (never connected): the frame
+    # dispatch is py-amqp's own.
+    connection = amqp.Connection(host='127.0.0.1:1')
+    reasons = []
+    report_blocked_reason(connection, reasons.append)
+    # A method frame's payload: class and method id, then the arguments.
+    connection.dispatch_method(
+        amqp.spec.Connection.Blocked,
+        struct.pack('>HH', *amqp.spec.Connection.Blocked)
+        + amqp.serialization.dumps('s', ['low on memory']), None)
+    assert reasons == ['low on memory']
+    assert amqp.Connection._METHODS[amqp.spec.Connection.Blocked].args \
+        is None  # other connections are left as they are
+
+
+def test_connect_passes_the_unblocked_callback(fake_amqp):
+    def unblocked():
+        pass  # pragma: no cover (never called)
+    connection = connect(Parameters(), on_blocked=print,
+                         on_unblocked=unblocked)
+    assert connection.on_unblocked is unblocked
+    assert connection._callbacks[amqp.spec.Connection.Blocked] is print
 
 
 def test_connect_without_username_and_password_uses_guest(fake_amqp):

@@ -6,10 +6,13 @@ wake-up pipe is the only file descriptor involved.
 """
 import logging
 import select
+import socket
+import ssl
 import threading
 import time
 
 import amqp.exceptions
+import amqp.spec
 import pytest
 import transaction
 import zope.component
@@ -32,7 +35,9 @@ from gocept.amqprun.interfaces import IHandler
 from gocept.amqprun.interfaces import ILoop
 from gocept.amqprun.interfaces import ISender
 from gocept.amqprun.interfaces import IServer
+from gocept.amqprun.interfaces import QueueUnavailable
 from gocept.amqprun.interfaces import RecoverableError
+from gocept.amqprun.interfaces import TLSError
 from gocept.amqprun.server import Delivery
 from gocept.amqprun.server import Server
 from gocept.amqprun.session import Session
@@ -509,7 +514,7 @@ def test_connect_opens_consume_and_send_channels_in_tx_mode(
                          password='secret', virtual_host='vhost',
                          heartbeat_interval=30)
     try:
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         [connection] = fake_amqp.instances
         assert connection.kw == dict(
             host='broker:1234', userid='user', password='secret',
@@ -522,6 +527,9 @@ def test_connect_opens_consume_and_send_channels_in_tx_mode(
             assert channel.calls[0] == ('tx_select',)
             assert channel.auto_decode is False
         assert server.history.generation == 1
+        assert server.node == 'broker:1234'
+        server._disconnect()
+        assert server.node is None
     finally:
         close_server(server)
 
@@ -531,7 +539,7 @@ def test_connect_without_setup_handlers_declares_nothing(fake_amqp,
     register('one', 'queue.1', 'a')
     server = Server(Parameters(), setup_handlers=False)
     try:
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         consume, send = fake_amqp.instances[0].channels
         assert consume.names == ['tx_select']
     finally:
@@ -541,9 +549,9 @@ def test_connect_without_setup_handlers_declares_nothing(fake_amqp,
 def test_each_connect_is_a_new_generation(fake_amqp, registry):
     server = make_server()
     try:
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         server._disconnect()
-        server._connect()
+        server._connect(server.parameters.nodes[0])
         assert server.history.generation == 2
         assert fake_amqp.instances[0].calls[-1] in ('close', 'collect')
     finally:
@@ -624,3 +632,266 @@ def test_start_after_stop_returns_at_once(fake_amqp, keep_thread_name):
         close_server(server)
     assert fake_amqp.instances == []
     assert server.error is None
+
+
+# -- several broker nodes -----------------------------------------------------
+
+def hosts(fake_amqp):
+    """The node each connection attempt went to."""
+    return [connection.kw['host'] for connection in fake_amqp.instances]
+
+
+def run_until(server, monkeypatch, serve_steps):
+    """start() with ``_serve`` doing ``serve_steps`` in turn (each a
+    callable; the last one stops the server); back-offs are recorded.
+    """
+    sleeps = []
+    steps = list(serve_steps)
+
+    def serve():
+        step = steps.pop(0)
+        if not steps:
+            server._should_stop = True
+        step()
+    monkeypatch.setattr(server, '_serve', serve)
+    monkeypatch.setattr(server, '_sleep', sleeps.append)
+    try:
+        server.start()
+    finally:
+        close_server(server)
+    return sleeps
+
+
+def lose():
+    raise ConnectionResetError('reset')
+
+
+def nothing():
+    pass
+
+
+def test_first_node_down_at_start_up_starts_on_the_second_without_waiting(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    fake_amqp.connect_errors = [ConnectionRefusedError('refused')]
+    server = make_server(hostname='rabbit1 rabbit2', reconnect_delay=60)
+    seen = []
+    with caplog.at_level(logging.INFO, 'gocept.amqprun.server'):
+        sleeps = run_until(server, monkeypatch,
+                           [lambda: seen.append(server.node)])
+    assert hosts(fake_amqp) == ['rabbit1:5672', 'rabbit2:5672']
+    assert sleeps == []
+    assert seen == ['rabbit2:5672']
+    assert server.node is None and server.error is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert ('Cannot connect to the AMQP broker at rabbit1:5672: '
+            'ConnectionRefusedError: refused') in messages
+    assert 'AMQP connection to rabbit2:5672 opened.' in messages
+
+
+def test_after_a_loss_the_next_node_is_tried_first(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    server = make_server(hostname='rabbit1 rabbit2 rabbit3')
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+        sleeps = run_until(server, monkeypatch, [lose, lose, lose, nothing])
+    assert hosts(fake_amqp) == ['rabbit1:5672', 'rabbit2:5672',
+                                'rabbit3:5672', 'rabbit1:5672']
+    assert sleeps == []
+    assert ('Lost the connection to rabbit2:5672: ConnectionResetError: '
+            'reset; reconnecting') in [r.getMessage() for r in caplog.records]
+
+
+def test_one_start_up_attempt_is_a_round_over_all_nodes(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    fake_amqp.connect_errors = [ConnectionRefusedError('refused')] * 4
+    server = make_server(hostname='rabbit1 rabbit2:5673',
+                         startup_attempts=2, reconnect_delay=0.5)
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+        sleeps = run_until(server, monkeypatch, [])
+    assert hosts(fake_amqp) == ['rabbit1:5672', 'rabbit2:5673'] * 2
+    assert sleeps == [0.5]
+    assert isinstance(server.error, BrokerUnreachable)
+    assert str(server.error) == (
+        'Cannot connect to the AMQP broker at rabbit1:5672, rabbit2:5673: '
+        'ConnectionRefusedError: refused (gave up after 2 attempts)')
+    assert ('No AMQP broker node of rabbit1:5672, rabbit2:5673 answered '
+            '(ConnectionRefusedError: refused); retrying in 0.5 s') in [
+        r.getMessage() for r in caplog.records]
+
+
+def test_back_off_grows_between_failed_rounds_after_a_loss(
+        fake_amqp, registry, keep_thread_name, monkeypatch):
+    fake_amqp.connect_errors = [None] + [ConnectionRefusedError('down')] * 4
+    server = make_server(hostname='rabbit1 rabbit2', reconnect_delay=1,
+                         startup_attempts=1)
+    sleeps = run_until(server, monkeypatch, [lose, nothing])
+    assert hosts(fake_amqp) == ['rabbit1:5672'] + [
+        'rabbit2:5672', 'rabbit1:5672'] * 2 + ['rabbit2:5672']
+    assert sleeps == [1, 2]
+
+
+def tls_failure():
+    error = ssl.SSLCertVerificationError(1, 'certificate verify failed')
+    error.verify_message = 'self-signed certificate'
+    return error
+
+
+def test_a_certificate_that_does_not_verify_at_start_up_is_fatal(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    fake_amqp.connect_errors = [tls_failure()]
+    server = make_server(hostname='rabbit1 rabbit2', ssl=True)
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+        sleeps = run_until(server, monkeypatch, [])
+    assert isinstance(server.error, TLSError)
+    assert hosts(fake_amqp) == ['rabbit1:5671']
+    assert sleeps == []
+    critical = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.CRITICAL]
+    assert critical == [
+        'TLS handshake with the AMQP broker at rabbit1:5671 failed: the '
+        'certificate does not verify (self-signed certificate)']
+
+
+def test_a_node_whose_certificate_fails_later_is_skipped(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    fake_amqp.connect_errors = [None, tls_failure()]
+    server = make_server(hostname='rabbit1 rabbit2 rabbit3', ssl=True)
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+        sleeps = run_until(server, monkeypatch, [lose, nothing])
+    assert hosts(fake_amqp) == ['rabbit1:5671', 'rabbit2:5671',
+                                'rabbit3:5671']
+    assert sleeps == []
+    assert server.error is None
+    assert [r.getMessage() for r in caplog.records
+            if r.levelno == logging.CRITICAL] == [
+        'TLS handshake with the AMQP broker at rabbit2:5671 failed: the '
+        'certificate does not verify (self-signed certificate)']
+
+
+def test_a_queue_without_leader_is_declared_again_after_the_back_off(
+        fake_amqp, registry, keep_thread_name, monkeypatch):
+    register('one', 'queue.1', 'a')
+    declares = []
+
+    def declare(channel, handlers, exchanges=()):
+        declares.append(channel)
+        if len(declares) == 1:
+            raise QueueUnavailable("queue 'queue.1': due to timeout")
+    monkeypatch.setattr(gocept.amqprun.topology, 'declare', declare)
+    server = make_server(reconnect_delay=0.25)
+    sleeps = run_until(server, monkeypatch, [nothing])
+    assert server.error is None
+    assert len(declares) == 2
+    assert sleeps == [0.25]
+    assert fake_amqp.instances[0].calls == ['connect', 'collect']
+
+
+def test_tls_without_verification_warns_at_start_up(
+        fake_amqp, keep_thread_name, caplog):
+    server = make_server(ssl=True, ssl_verify=False)
+    server.stop()
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+        try:
+            server.start()
+        finally:
+            close_server(server)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        'TLS without verification (ssl_verify false): the connection to '
+        'localhost:5671 is encrypted but not authenticated; anyone on the '
+        'network path can pose as the broker')
+
+
+def test_connect_hands_blocked_callbacks_to_the_connection(fake_amqp):
+    server = make_server()
+    try:
+        server._connect(server.parameters.nodes[0])
+    finally:
+        close_server(server)
+    [connection] = fake_amqp.instances
+    assert connection.on_unblocked == server._on_unblocked
+    assert connection._callbacks[
+        amqp.spec.Connection.Blocked] == server._on_blocked
+
+
+# -- a broker that blocks publishing ------------------------------------------
+
+def test_blocked_broker_is_logged_and_visible(server, caplog):
+    server.node = 'rabbit1:5672'
+    with caplog.at_level(logging.INFO, 'gocept.amqprun.server'):
+        server._on_blocked('low on memory')
+        assert server.blocked == 'low on memory'
+        server._on_unblocked()
+    assert server.blocked is None
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ('WARNING', 'publishing blocked by the broker: low on memory; '
+                    'commits wait (node rabbit1:5672)'),
+        ('INFO', 'publishing unblocked by the broker; 0 held commit(s) go '
+                 'ahead (node rabbit1:5672)')]
+
+
+def test_blocked_without_reason_says_so(server):
+    server._on_blocked()
+    assert server.blocked == 'no reason given'
+
+
+def test_commits_that_publish_wait_for_the_unblock(server):
+    publish = Commit(delivered(1), [outgoing_message()])
+    ack = Commit(delivered(2), [])
+    server.submit(publish)
+    server.submit(ack)
+    server._on_blocked('low on disk')
+    server._commit_due()
+    assert server._channel.names == ['basic_ack', 'tx_commit']
+    assert not resolved(publish)
+    server._on_unblocked()
+    server._commit_due()
+    assert error_of(publish) is None
+    assert server._channel.names[2:] == ['basic_ack', 'basic_publish',
+                                         'tx_commit']
+
+
+def test_stop_during_a_block_gives_held_commits_back_and_drops_the_socket(
+        fake_amqp, registry, keep_thread_name, monkeypatch, caplog):
+    server = make_server()
+    held = Commit(delivered(1), [outgoing_message()])
+
+    def block_and_hold():
+        server._on_blocked('low on memory')
+        server.submit(held)
+        server._commit_due()
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+        run_until(server, monkeypatch, [block_and_hold])
+    assert isinstance(error_of(held), ConnectionLost)
+    [connection] = fake_amqp.instances
+    assert connection.calls == ['connect', 'collect']
+    assert server.blocked is None
+    assert ('1 commit(s) were not carried out before the connection '
+            'closed: nothing of them was published; the messages they '
+            'were to acknowledge go back to the broker') in [
+        r.getMessage() for r in caplog.records]
+
+
+def test_stop_during_a_block_shuts_the_socket_down(server, caplog):
+    # The broker stopped reading: a tx.commit waits for the unblock.
+    left, right = socket.socketpair()
+    try:
+        server._socket = left
+        server._on_blocked('low on memory')
+        with caplog.at_level(logging.WARNING, 'gocept.amqprun.server'):
+            server.stop()
+        assert right.recv(1) == b''  # the waiting read ends
+        assert 'Dropping the connection to ' in caplog.text
+        server._disconnect()
+        server.stop()  # not blocked any more, nothing to drop
+        left.close()
+        server._socket = left
+        server.blocked = 'low on disk'
+        server._abort_blocked_io()  # closed meanwhile: nothing to do
+    finally:
+        left.close()
+        right.close()
+
+
+def test_stop_when_not_blocked_leaves_the_socket_alone(server):
+    server._socket = object()  # would fail if touched
+    server.stop()

@@ -8,6 +8,8 @@ from gocept.amqprun.interfaces import ConfigurationError
 from gocept.amqprun.interfaces import DeclareRefused
 from gocept.amqprun.interfaces import FatalError
 from gocept.amqprun.interfaces import IExchange
+from gocept.amqprun.interfaces import QueueUnavailable
+from gocept.amqprun.interfaces import RecoverableError
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 from gocept.amqprun.topology import Exchange
 from gocept.amqprun.topology import check_unique_queues
@@ -222,3 +224,17 @@ def test_connection_errors_during_declare_propagate_unchanged():
     channel = FakeChannel(queue_declare=ConnectionResetError('reset'))
     with pytest.raises(ConnectionResetError):
         declare_queue(channel, handler('orders'), 'name')
+
+
+def test_a_queue_without_leader_is_unavailable_not_refused():
+    # What RabbitMQ answers while a quorum queue elects a leader.
+    channel = FakeChannel(queue_declare=amqp.exceptions.NotFound(
+        "NOT_FOUND - failed to perform operation on queue 'orders' in "
+        "vhost '/' due to timeout"))
+    with pytest.raises(QueueUnavailable) as info:
+        declare_queue(channel, handler('orders'), 'name')
+    assert isinstance(info.value, RecoverableError)
+    assert str(info.value).startswith(
+        "The broker could not reach queue 'orders' (a quorum queue "
+        "without a leader while the cluster heals?): ")
+    assert 'due to timeout' in str(info.value)
