@@ -55,13 +55,16 @@ setup(
         'security': ['zope.security'],
         'writefiles': [],
         'readfiles': [],
+        'metrics': ['prometheus_client'],
         'testing': TESTING,
-        'test': TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner'],
+        'test': TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner',
+                           'prometheus_client'],
     },
     entry_points={
         'console_scripts': [
             'server = gocept.amqprun.main:main',
             'amqprun-send = gocept.amqprun.send:main',
+            'amqprun-status = gocept.amqprun.status:main',
         ],
         'pytest11': [
             'gocept.amqprun.testing.pytest = gocept.amqprun.testing.pytest',
