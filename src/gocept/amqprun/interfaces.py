@@ -442,6 +442,9 @@ class IServer(ILoop, ISender):
         'is bounded by the prefetch count. The worker pool also puts its '
         'stop sentinels on it.')
 
+    parameters = zope.interface.Attribute(
+        'The ``connection.Parameters`` it connects with (``address`` names '
+        'the broker in log lines and probes).')
     consuming = zope.interface.Attribute(
         'True while the consumers of the handlers\' queues are active; set '
         'and cleared by the I/O thread.')

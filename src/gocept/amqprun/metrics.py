@@ -304,6 +304,37 @@ class Metrics:
         return ready, document
 
 
+class Application:
+    """The WSGI application: ``/metrics``, ``/healthz``, ``/readyz``."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.health = metrics.health
+        self._exposition = prometheus_client.make_wsgi_app(metrics.registry)
+
+    def __call__(self, environ, start_response):
+        """Answer one request; anything else is a 404."""
+        path = environ.get('PATH_INFO') or '/'
+        if path == '/metrics':
+            return self._exposition(environ, start_response)
+        if path == '/healthz':
+            return self._json(start_response,
+                              *self.health.document(self.health.liveness))
+        if path == '/readyz':
+            return self._json(start_response, *self.metrics.status())
+        start_response('404 Not Found', [('Content-Type', 'text/plain')])
+        return [b'Not found: try /metrics, /healthz or /readyz\n']
+
+    @staticmethod
+    def _json(start_response, ok, document):
+        body = json.dumps(document).encode('utf-8')
+        start_response('200 OK' if ok else '503 Service Unavailable', [
+            ('Content-Type', 'application/json'),
+            ('Content-Length', str(len(body))),
+            ('Cache-Control', 'no-store')])
+        return [body]
+
+
 class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
     """Logs requests at DEBUG instead of writing them to stderr."""
 
@@ -355,16 +386,14 @@ class MetricsServer:
         self.server = server
         self.health = Health(
             server, pool, section.liveness_timeout,
-            expects_consumers=bool(server.setup_handlers and handler_names))
+            expects_consumers=bool(pool.amount and handler_names))
         self.metrics = Metrics(self.health, handler_names)
-        self._metrics_app = prometheus_client.make_wsgi_app(
-            self.metrics.registry)
         host, port = section.address
         server_class = IPv6HTTPServer if ':' in host else HTTPServer
         try:
             self.httpd = wsgiref.simple_server.make_server(
-                host, port, self.application, server_class=server_class,
-                handler_class=RequestHandler)
+                host, port, Application(self.metrics),
+                server_class=server_class, handler_class=RequestHandler)
         except OSError as e:
             raise gocept.amqprun.interfaces.ConfigurationError(
                 'Cannot serve metrics on %s:%s (<metrics> address): %s' % (
@@ -405,25 +434,3 @@ class MetricsServer:
                 site_manager.unregisterHandler(subscriber, (interface,))
             log.info('Stopped serving metrics.')
         self.httpd.server_close()
-
-    def application(self, environ, start_response):
-        """The WSGI application: the three paths, else 404."""
-        path = environ.get('PATH_INFO') or '/'
-        if path == '/metrics':
-            return self._metrics_app(environ, start_response)
-        if path == '/healthz':
-            return _json(start_response,
-                         *self.health.document(self.health.liveness))
-        if path == '/readyz':
-            return _json(start_response, *self.metrics.status())
-        start_response('404 Not Found', [('Content-Type', 'text/plain')])
-        return [b'Not found: try /metrics, /healthz or /readyz\n']
-
-
-def _json(start_response, ok, document):
-    body = json.dumps(document).encode('utf-8')
-    start_response('200 OK' if ok else '503 Service Unavailable', [
-        ('Content-Type', 'application/json'),
-        ('Content-Length', str(len(body))),
-        ('Cache-Control', 'no-store')])
-    return [body]

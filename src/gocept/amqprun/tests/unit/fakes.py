@@ -121,6 +121,7 @@ class FakeServer:
         self.ops = []
         self.outcomes = list(outcomes)
         self.tasks = queue.Queue()
+        self.parameters = gocept.amqprun.connection.Parameters()
         self.consuming = True
         self.last_turn = None
         self.history = gocept.amqprun.connection.ConnectionHistory()

@@ -608,3 +608,17 @@ def test_start_after_stop_returns_at_once(fake_amqp, keep_thread_name):
         close_server(server)
     assert fake_amqp.instances == []
     assert server.error is None
+
+
+# -- what observers read -----------------------------------------------------
+
+def test_loop_turns_while_it_waits_to_reconnect(unconnected):
+    assert unconnected.last_turn is None
+    before = time.monotonic()
+    unconnected._sleep(0)
+    assert unconnected.last_turn >= before
+
+
+def test_commit_observers_are_those_of_the_commit_queue(unconnected):
+    assert unconnected.commit_observers is unconnected.commits.observers
+    assert unconnected.commit_observers == []
