@@ -9,6 +9,7 @@ finish, close the connection, exit 0. Fatal errors exit non-zero with one
 log line naming the cause.
 """
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -133,14 +134,15 @@ def start_metrics(conf, server, pool):
     if conf.metrics is None:
         return None
     try:
-        import gocept.amqprun.metrics
+        # Imported here: without <metrics> the extra is not needed.
+        metrics_module = importlib.import_module('gocept.amqprun.metrics')
     except ImportError as e:
         if e.name != 'prometheus_client':
             raise
         raise gocept.amqprun.interfaces.ConfigurationError(
             'The <metrics> section needs the metrics extra: pip install '
             'gocept.amqprun[metrics] (%s)' % e) from e
-    metrics = gocept.amqprun.metrics.MetricsServer(conf.metrics, server, pool)
+    metrics = metrics_module.MetricsServer(conf.metrics, server, pool)
     metrics.start()
     return metrics
 
