@@ -1,7 +1,8 @@
 """Prometheus metrics, liveness and readiness over HTTP (``<metrics>``).
 
 Runs on: its own thread, ``amqprun-metrics``: the HTTP server, which also
-samples the daemon's state twice a second so that ``since`` is exact. The
+samples the daemon's state twice a second so that ``since`` is exact, and
+answers each request in a short-lived thread (``amqprun-metrics-request``). The
 counters are updated by the threads whose work they count: worker threads
 (``IMessageHandled``, ``IFileWritten``), the I/O thread (the commit
 observer), sending threads (``ISendFinished``) and readfiles readers
@@ -339,18 +340,31 @@ class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
     """Logs requests at DEBUG instead of writing them to stderr."""
 
     #: Seconds a client may take to send its request.
-    timeout = 10
+    timeout = 5
 
     def log_message(self, format, *args):
         """One DEBUG line per request."""
         log.debug('%s %s', self.address_string(), format % args)
 
 
-class HTTPServer(wsgiref.simple_server.WSGIServer):
-    """The WSGI server; samples the state between requests."""
+class HTTPServer(socketserver.ThreadingMixIn,
+                 wsgiref.simple_server.WSGIServer):
+    """The WSGI server; samples the state between requests.
+
+    Each request gets a thread of its own (``amqprun-metrics-request``), so
+    that a client that connects and sends nothing cannot hold up the
+    probes.
+    """
 
     #: The :class:`Health` to sample (set before serving).
     health = None
+    daemon_threads = True
+
+    def process_request(self, request, client_address):
+        """Answer in a named thread."""
+        threading.Thread(
+            target=self.process_request_thread, args=(request, client_address),
+            name='amqprun-metrics-request', daemon=True).start()
 
     def server_bind(self):
         """Bind without ``getfqdn``: a DNS lookup must not delay start-up.

@@ -258,3 +258,11 @@ def test_status_cannot_ask_when_nothing_listens(daemon, capsys):
     runner.stop()
     assert gocept.amqprun.status.run([runner.config]) == 2
     assert 'Connection refused' in capsys.readouterr().err
+
+
+def test_a_client_that_sends_nothing_does_not_hold_up_the_probes(daemon):
+    runner = daemon(zcml('echo'))
+    port = int(runner.url.rsplit(':', 1)[1])
+    with socket.create_connection(('127.0.0.1', port)):
+        status, _ = get(runner.url + '/healthz', timeout=2)
+    assert status == 200
