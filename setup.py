@@ -15,7 +15,7 @@ def read(*names):
 TESTING = ['pytest', 'pytest-timeout']
 # ``patch = subprocess`` (see .coveragerc) needs coverage 7.10.
 TEST = TESTING + ['coverage >= 7.10', 'zope.security', 'zc.buildout',
-                  'zope.testrunner']
+                  'zope.testrunner', 'prometheus_client']
 DOCS = ['Sphinx', 'repoze.sphinx.autointerface']
 
 setup(
@@ -59,6 +59,7 @@ setup(
         'security': ['zope.security'],
         'writefiles': [],
         'readfiles': [],
+        'metrics': ['prometheus_client'],
         'testing': TESTING,
         'test': TEST,
         'docs': DOCS,
@@ -67,6 +68,7 @@ setup(
         'console_scripts': [
             'server = gocept.amqprun.main:main',
             'amqprun-send = gocept.amqprun.send:main',
+            'amqprun-status = gocept.amqprun.status:main',
         ],
         'pytest11': [
             'gocept.amqprun.testing.pytest = gocept.amqprun.testing.pytest',

@@ -7,6 +7,7 @@ by ``AMQP_HOSTNAME`` etc. or a private loopback node started here.
 Usage::
 
     python bench/throughput.py [--messages N] [--workers N] [--size BYTES]
+                               [--metrics]
 
 Every run gets a fresh virtual host (or, with ``AMQP_VIRTUALHOST``, queue
 names of its own) and is preloaded with N persistent messages in a durable
@@ -279,9 +280,18 @@ class ReplyCounter:
         return Result(self.count, self.last - self.first, cpu)
 
 
+#: The ``<metrics>`` section of the ``--metrics`` run (a free port).
+METRICS_SECTION = """
+<metrics>
+  address 127.0.0.1:0
+</metrics>
+"""
+
+
 def run_daemon(broker, virtual_host, names, count, workers, directory,
-               profile=None):
-    """Run the daemon (a subprocess) with ``workers`` workers.
+               profile=None, metrics=False):
+    """Run the daemon (a subprocess) with ``workers`` workers (and
+    ``<metrics>`` with ``metrics``).
 
     Returns the :class:`Result` from the first reply to the last, as the
     counter saw them, with the CPU time of the daemon process meanwhile.
@@ -292,8 +302,10 @@ def run_daemon(broker, virtual_host, names, count, workers, directory,
                    workers=workers, settings='', amqp_extra='',
                    worker_extra='', log_level='WARNING',
                    log_path='STDOUT')
+    template = gocept.amqprun.testing.CONFIG_TEMPLATE
     config = gocept.amqprun.testing.write_config(
-        directory, ZCML, gocept.amqprun.testing.CONFIG_TEMPLATE, mapping)
+        directory, ZCML, template + METRICS_SECTION if metrics else template,
+        mapping)
     env = dict(os.environ, **names.environment())
     env['PYTHONPATH'] = os.pathsep.join(
         filter(None, [HERE, os.environ.get('PYTHONPATH')]))
@@ -425,6 +437,9 @@ def parse_arguments(argv):
                         help='record each daemon run with py-spy (must be '
                              'installed) into DIR/daemon-<workers>w-<n>.txt '
                              '(collapsed stacks)')
+    parser.add_argument('--metrics', action='store_true',
+                        help='add a daemon run with <metrics> and print its '
+                             'ratio to the plain daemon run (goal: 0.95)')
     parser.add_argument('--no-single-worker', dest='single_worker',
                         action='store_false',
                         help='skip the daemon run with one worker')
@@ -468,6 +483,12 @@ def print_table(arguments, broker, results, load):
             median / raw,
             format_cpu(statistics.median(shares) if shares else None)))
     print()
+    if arguments.metrics:
+        plain, metrics = (statistics.median(result.rate for result in run)
+                          for _, run in results[1:3])
+        print('metrics on / off: %.2f (goal: at least 0.95)'
+              % (metrics / plain))
+        print()
 
 
 def plan(arguments, broker, directory):
@@ -477,14 +498,17 @@ def plan(arguments, broker, directory):
     def raw(virtual_host, names):
         return run_raw(broker, virtual_host, names, count, workers)
 
-    def daemon(amount):
+    def daemon(amount, metrics=False):
         def run(virtual_host, names):
             return run_daemon(broker, virtual_host, names, count, amount,
-                              directory, arguments.profile)
+                              directory, arguments.profile, metrics)
         return run
 
     runs = [('raw py-amqp, 1 thread, prefetch %d' % workers, raw),
             ('daemon, %d worker(s)' % workers, daemon(workers))]
+    if arguments.metrics:
+        runs.append(('daemon, %d worker(s), <metrics>' % workers,
+                     daemon(workers, metrics=True)))
     if arguments.single_worker and workers != 1:
         runs.append(('daemon, 1 worker', daemon(1)))
     return runs

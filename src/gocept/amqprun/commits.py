@@ -49,6 +49,9 @@ class CommitQueue:
         #: Claimed ops that publish, held while the broker blocks.
         self._held = []
         self._sequence = itertools.count()
+        #: Callables ``observer(size, seconds)`` told about each AMQP
+        #: transaction committed (see ``IServer.commit_observers``).
+        self.observers = []
 
     def submit(self, op):
         """Queue an ``IChannelOp``; any thread."""
@@ -154,6 +157,7 @@ class CommitQueue:
         """Execute ``ops`` and commit them in one AMQP transaction."""
         op_channel = gocept.amqprun.connection.OpChannel(channel)
         ops = list(ops)
+        seconds = None  # of the tx.commit, once one went through
         while ops:
             failed = error = None
             committing = False
@@ -166,7 +170,9 @@ class CommitQueue:
                         break
                 if failed is None:
                     committing = True
+                    started = time.perf_counter()
                     channel.tx_commit()
+                    seconds = time.perf_counter() - started
                 else:
                     channel.tx_rollback()
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
@@ -181,6 +187,9 @@ class CommitQueue:
         for op in ops:
             op.resolve()
         log.debug('Committed %d op(s) in one AMQP transaction', len(ops))
+        if seconds is not None:
+            for observer in self.observers:
+                observer(len(ops), seconds)
 
     def _give_up_unexecuted(self, ops):
         """Ops claimed but not executed when the connection failed.

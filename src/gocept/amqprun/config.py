@@ -36,6 +36,26 @@ def broker_nodes(value):
     return value
 
 
+def positive_float(value):
+    """Datatype: a number > 0."""
+    return _checked(float(value), lambda v: v > 0, 'must be positive')
+
+
+def listen_address(value):
+    """Datatype: ``host:port`` (``[v6-host]:port``; a bare port means
+    127.0.0.1) -> ``(host, port)``; port 0 means a free one."""
+    host, colon, port = value.strip().rpartition(':')
+    if not colon:
+        host = '127.0.0.1'
+    host = host.strip('[]')
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('%r is not host:port (port 0-65535)' % value)
+    if not host:
+        raise ValueError('%r names no host (0.0.0.0 listens on every '
+                         'interface)' % value)
+    return host, int(port)
+
+
 def _checked(value, condition, problem):
     if not condition(value):
         raise ValueError('%s %s' % (value, problem))

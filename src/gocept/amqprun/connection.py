@@ -8,6 +8,7 @@ face of a channel that channel ops see, ``Loss`` classifies why a
 connection ended, ``ConnectionHistory`` remembers the losses of the last
 connections.
 """
+import collections
 import logging
 import random
 import re
@@ -428,6 +429,11 @@ ACK_TIMEOUT_TEXT = re.compile(r'acknowledgement.*timed out', re.I | re.S)
 ACK_TIMEOUT_VALUE = re.compile(r'(\d+) ms')
 
 
+#: The values of :attr:`Loss.reason`.
+LOSS_REASONS = ('ack-timeout', 'heartbeat', 'timeout', 'channel-closed',
+                'broker-closed', 'network', 'other')
+
+
 class Loss:
     """Why and when the connection of one generation was lost."""
 
@@ -448,6 +454,25 @@ class Loss:
                 value = ACK_TIMEOUT_VALUE.search(text)
                 ack_timeout = int(value.group(1)) / 1000.0 if value else 0
         return cls(error, at, ack_timeout)
+
+    @property
+    def reason(self):
+        """Why, as one word of a fixed set (a metric label: never text
+        from the broker or a message)."""
+        error = self.error
+        if self.ack_timeout is not None:
+            return 'ack-timeout'
+        if 'heartbeat' in str(error).lower():
+            return 'heartbeat'  # py-amqp: "Too many heartbeats missed"
+        if isinstance(error, amqp.exceptions.ChannelError):
+            return 'channel-closed'
+        if isinstance(error, amqp.exceptions.ConnectionError):
+            return 'broker-closed'
+        if isinstance(error, socket.timeout):
+            return 'timeout'
+        if isinstance(error, (OSError, EOFError)):
+            return 'network'
+        return 'other'
 
     def error_for(self, delivery):
         """The error of an op on a ``delivery`` of the lost connection."""
@@ -484,6 +509,10 @@ class ConnectionHistory:
 
     def __init__(self):
         self.generation = 0
+        #: Connections lost so far, by :attr:`Loss.reason`.
+        self.losses = collections.Counter()
+        #: The latest :class:`Loss`, or None.
+        self.last_loss = None
         self._losses = {}
 
     def connected(self):
@@ -497,6 +526,8 @@ class ConnectionHistory:
         loss = self._losses.get(self.generation)
         if loss is None:
             loss = self._losses[self.generation] = Loss.of(error, at)
+            self.losses[loss.reason] += 1
+            self.last_loss = loss
             for generation in list(self._losses):
                 if generation < self.generation - self.keep:
                     del self._losses[generation]

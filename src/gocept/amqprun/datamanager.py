@@ -10,7 +10,8 @@ Runs on: a worker thread. Two-phase commit mapped onto AMQP:
     Submit the op to the I/O thread and wait: it acks, publishes and
     ``tx.commit``\\ s. A broker error here is a "no" vote. ``sortKey`` sorts
     last, so every other resource (databases, files) has voted yes first.
-    Once the broker committed, the received message is settled.
+    Once the broker committed, the received message is settled. A send
+    outside a handler notifies ``ISendFinished`` with its outcome.
 ``tpc_finish``
     Forget the op. Never raises.
 ``tpc_abort``
@@ -23,6 +24,7 @@ import transaction.interfaces
 import zope.interface
 
 import gocept.amqprun.interfaces
+import gocept.amqprun.process
 
 
 log = logging.getLogger(__name__)
@@ -85,12 +87,22 @@ class AMQPDataManager:
         self.session.server.submit(self._op)
         try:
             self._op.wait(COMMIT_TIMEOUT)
-        except gocept.amqprun.interfaces.CommitInDoubt:
-            txn.set_data(_IN_DOUBT, True)
+        except Exception as e:
+            if isinstance(e, gocept.amqprun.interfaces.CommitInDoubt):
+                txn.set_data(_IN_DOUBT, True)
+            self._send_finished(e)
             raise
+        self._send_finished()
         # Settled now: the broker has the ack, whatever happens to the
         # other resources' tpc_finish (which runs before ours).
         self.session.committed()
+
+    def _send_finished(self, error=None):
+        """Tell observers how a send outside a handler ended."""
+        if self._op.delivery is None:
+            gocept.amqprun.process.notify(
+                gocept.amqprun.interfaces.SendFinished(
+                    len(self._op.messages), error))
 
     def tpc_finish(self, txn):
         """Forget the committed op."""

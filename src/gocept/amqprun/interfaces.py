@@ -300,6 +300,101 @@ class MessageHandled:
         self.duration = duration
         self.error = error
 
+    def __repr__(self):
+        return '<MessageHandled %s by %r: %s>' % (
+            self.message.header.message_id, self.handler_name, self.outcome)
+
+
+class ISendFinished(zope.interface.Interface):
+    """Event: a transaction that sent messages outside a handler ended.
+
+    Notified on the sending thread (the application's own thread, a
+    readfiles reader) by the AMQP data manager once the broker committed
+    the send or it failed; not for messages a handler sends (those are
+    part of :class:`IMessageHandled`). Subscribers must be quick; an
+    exception in one is logged and otherwise ignored.
+
+    .. versionadded:: 2.0
+    """
+
+    count = zope.interface.Attribute('How many messages the send held.')
+    error = zope.interface.Attribute(
+        'The exception that failed the send, or None when committed.')
+
+
+@zope.interface.implementer(ISendFinished)
+class SendFinished:
+    """Notified by the data manager for each send outside a handler."""
+
+    def __init__(self, count, error=None):
+        self.count = count
+        self.error = error
+
+    def __repr__(self):
+        return '<SendFinished %d message(s)%s>' % (
+            self.count, ', failed' if self.error is not None else '')
+
+
+class IFileWritten(zope.interface.Interface):
+    """Event: ``<amqp:writefiles>`` wrote a message's files, or failed to.
+
+    Notified on the worker thread in the data manager's vote, after the
+    files were renamed into place (``error`` None) or when writing failed
+    (the vote says no, the message comes back). Errors of subscribers are
+    logged and ignored.
+
+    .. versionadded:: 2.0
+    """
+
+    directory = zope.interface.Attribute(
+        'The directive\'s ``directory`` (absolute).')
+    path = zope.interface.Attribute(
+        'Path of the body file, relative to ``directory``.')
+    error = zope.interface.Attribute('The exception, or None.')
+
+
+@zope.interface.implementer(IFileWritten)
+class FileWritten:
+    """Notified by writefiles for each message it wrote (or failed to)."""
+
+    def __init__(self, directory, path, error=None):
+        self.directory = directory
+        self.path = path
+        self.error = error
+
+    def __repr__(self):
+        return '<FileWritten %s in %s>' % (self.path, self.directory)
+
+
+class IFileSent(zope.interface.Interface):
+    """Event: ``<amqp:readfiles>`` sent a file, or failed to.
+
+    Notified on the reader's thread once the broker committed the file's
+    message and the file is in ``cur/`` (``error`` None), or when the send
+    failed (the file stays in ``new/`` and is sent again). Errors of
+    subscribers are logged and ignored.
+
+    .. versionadded:: 2.0
+    """
+
+    directory = zope.interface.Attribute(
+        'The directive\'s ``directory`` (the Maildir).')
+    name = zope.interface.Attribute('The file\'s name in ``new/``.')
+    error = zope.interface.Attribute('The exception, or None.')
+
+
+@zope.interface.implementer(IFileSent)
+class FileSent:
+    """Notified by readfiles for each file it sent (or failed to)."""
+
+    def __init__(self, directory, name, error=None):
+        self.directory = directory
+        self.name = name
+        self.error = error
+
+    def __repr__(self):
+        return '<FileSent %s of %s>' % (self.name, self.directory)
+
 
 class IMessageStored(zope.interface.Interface):
     """Event: ``<amqp:writefiles>`` stores a message.
@@ -392,6 +487,31 @@ class IServer(ILoop, ISender):
         'handler name) the I/O thread fills and workers take from. Its size '
         'is bounded by the prefetch count. The worker pool also puts its '
         'stop sentinels on it.')
+
+    parameters = zope.interface.Attribute(
+        'The ``connection.Parameters`` it connects with (``address`` names '
+        'the broker in log lines and probes).')
+    consuming = zope.interface.Attribute(
+        'True while the consumers of the handlers\' queues are active; set '
+        'and cleared by the I/O thread.')
+    last_turn = zope.interface.Attribute(
+        '``time.monotonic()`` when the I/O loop last turned, or None before '
+        'it started. It turns at least every ``poll_interval`` (1 s), also '
+        'while it waits to reconnect; a value that stays old means a wedged '
+        'I/O thread (liveness).')
+    history = zope.interface.Attribute(
+        'The ``connection.ConnectionHistory``: ``generation`` counts the '
+        'connections opened so far, ``losses`` (a ``collections.Counter``) '
+        'the connections lost by reason (``ack-timeout``, ``heartbeat``, '
+        '``timeout``, ``channel-closed``, ``broker-closed``, ``network``, '
+        '``other``), ``last_loss`` is the latest ``Loss`` (``error``, '
+        '``reason``) or None. Written by the I/O thread only.')
+    commit_observers = zope.interface.Attribute(
+        'List of callables ``observer(size, seconds)``. After each AMQP '
+        'transaction it committed the I/O thread calls each with the number '
+        'of ops in it and the seconds the ``tx.commit`` round trip took. '
+        'They run on the I/O thread: they must be quick and must not '
+        'raise. Empty by default (then it costs nothing).')
 
     def submit(op):
         """Hand an ``IChannelOp`` to the I/O thread.

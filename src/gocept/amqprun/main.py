@@ -1,13 +1,15 @@
 """The ``server`` console script: ZConfig -> logging -> ZCML -> start.
 
 Runs on: the main thread. Boot order: configuration file, logging, the
-ISettings utility, ZCML, the ISender utility, ``ConfigFinished``, signal
-handlers, workers, the I/O thread, ``ProcessStarted`` once connected. On
+ISettings utility, ZCML, the ISender utility, ``ConfigFinished``, the
+metrics server (``<metrics>``), signal handlers, workers, the I/O thread,
+``ProcessStarted`` once connected. On
 SIGTERM/SIGINT: ``ProcessStopping``, stop consuming, let running handlers
 finish, close the connection, exit 0. Fatal errors exit non-zero with one
 log line naming the cause.
 """
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -73,6 +75,7 @@ def run(config_file):
         return 2
     try:
         pool, server = configure(conf)
+        metrics = start_metrics(conf, server, pool)
     except Exception as e:
         log.critical('%s', describe_configuration_error(e, conf))
         return 1
@@ -84,6 +87,8 @@ def run(config_file):
     finally:
         tally.unsubscribe()
         log.info('Messages: %s', tally.summary())
+        if metrics is not None:
+            metrics.stop()
         gocept.amqprun.process.server = None
         log.info('Exiting')
 
@@ -124,6 +129,26 @@ def configure(conf):
     pool = gocept.amqprun.worker.WorkerPool(server, amount, policy)
     zope.event.notify(gocept.amqprun.interfaces.ConfigFinished())
     return pool, server
+
+
+def start_metrics(conf, server, pool):
+    """Serve metrics, health and readiness as ``<metrics>`` says (before
+    the connection, so readiness can say "connecting"); return the
+    running ``metrics.MetricsServer`` or None without the section."""
+    if conf.metrics is None:
+        return None
+    try:
+        # Imported here: without <metrics> the extra is not needed.
+        metrics_module = importlib.import_module('gocept.amqprun.metrics')
+    except ImportError as e:
+        if e.name != 'prometheus_client':
+            raise
+        raise gocept.amqprun.interfaces.ConfigurationError(
+            'The <metrics> section needs the metrics extra: pip install '
+            'gocept.amqprun[metrics] (%s)' % e) from e
+    metrics = metrics_module.MetricsServer(conf.metrics, server, pool)
+    metrics.start()
+    return metrics
 
 
 def describe_configuration_error(error, conf):

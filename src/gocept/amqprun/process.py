@@ -1,11 +1,15 @@
-"""Process state: the running server, stop requests and the exit status.
+"""Process state: the running server, stop requests and the exit status;
+observation events.
 
 Runs on: any thread. ``main.run()`` waits for a stop request here; features
 that must stop the process (a readfiles directory that vanished, a signal)
-call :func:`request_stop` without knowing the console script.
+call :func:`request_stop` without knowing the console script. Features tell
+observers (metrics, the summary) what happened with :func:`notify`.
 """
 import logging
 import threading
+
+import zope.event
 
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,15 @@ def wait_for_stop_request(timeout):
 def exit_status():
     """The exit status requested so far (0 when none)."""
     return _exit_status
+
+
+def notify(event):
+    """Notify an observation event; a subscriber's error is logged, never
+    raised, so that an observer cannot fail the work it observes."""
+    try:
+        zope.event.notify(event)
+    except Exception:
+        log.error('A subscriber failed for %r', event, exc_info=True)
 
 
 class LoopState:

@@ -155,6 +155,7 @@ class MaildirReader(gocept.amqprun.process.LoopState):
     def send(self, name, sender):
         """Send ``new/<name>`` in a transaction of its own; then move it to
         ``cur``. Return False when the commit failed (the file stays).
+        Notifies ``IFileSent`` with the outcome.
         """
         try:
             body = self.maildir.read_new(name)
@@ -177,10 +178,14 @@ class MaildirReader(gocept.amqprun.process.LoopState):
             log.warning('Sending %s/new/%s to %r failed (%s: %s); it stays '
                         'in new/ and is sent again', self.maildir.path, name,
                         self.routing_key, type(e).__name__, e)
+            gocept.amqprun.process.notify(gocept.amqprun.interfaces.FileSent(
+                self.maildir.path, name, e))
             return False
         # Only now: the broker has the message. A failure here is fatal
         # (raised), and the file is sent again after a restart.
         self.maildir.move_to_cur(name)
+        gocept.amqprun.process.notify(gocept.amqprun.interfaces.FileSent(
+            self.maildir.path, name))
         log.info('Sent %s/new/%s to %r as %s; moved it to cur/',
                  self.maildir.path, name, self.routing_key,
                  message.header.message_id)

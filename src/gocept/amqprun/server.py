@@ -104,8 +104,11 @@ class Server(gocept.amqprun.process.LoopState):
         self.blocked = None
         #: ``host:port`` of the connected node, or None.
         self.node = None
+        #: ``time.monotonic()`` of the loop's latest turn (liveness).
+        self.last_turn = None
         self.history = gocept.amqprun.connection.ConnectionHistory()
         self.commits = gocept.amqprun.commits.CommitQueue(self.history)
+        self.commit_observers = self.commits.observers
         super().__init__()
         self._should_stop = False
         self._stop_consuming = False
@@ -315,11 +318,14 @@ class Server(gocept.amqprun.process.LoopState):
         """
         deadline = time.monotonic() + seconds
         while not self._should_stop:
+            self.last_turn = now = time.monotonic()
             self.commits.fail_pending(stale_only=True)
-            remaining = deadline - time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return
-            select.select([self._wake_r], [], [], remaining)
+            # Wake up every poll_interval: the loop still turns (liveness).
+            select.select([self._wake_r], [], [],
+                          min(remaining, self.poll_interval))
             self._drain_wake_pipe()
 
     def _connect(self, node):
@@ -386,6 +392,7 @@ class Server(gocept.amqprun.process.LoopState):
     def _serve(self):
         sock = self.connection.transport.sock
         while not self._should_stop:
+            self.last_turn = time.monotonic()
             self._cancel_consumers_if_asked()
             self._commit_due()
             readable, _, _ = select.select(

@@ -12,10 +12,10 @@ import threading
 import time
 
 import transaction
-import zope.event
 
 import gocept.amqprun.channelops
 import gocept.amqprun.interfaces
+import gocept.amqprun.process
 import gocept.amqprun.retry
 import gocept.amqprun.security
 import gocept.amqprun.session
@@ -59,9 +59,10 @@ class Worker(threading.Thread):
         """
         started = time.monotonic()
         outcome, error = self._handle(task)
-        self._notify(gocept.amqprun.interfaces.MessageHandled(
-            task.message, task.handler_name, outcome,
-            time.monotonic() - started, error))
+        gocept.amqprun.process.notify(
+            gocept.amqprun.interfaces.MessageHandled(
+                task.message, task.handler_name, outcome,
+                time.monotonic() - started, error))
 
     def _handle(self, task):
         """Return the outcome of handling ``task`` and its error."""
@@ -93,15 +94,6 @@ class Worker(threading.Thread):
         if session.error_handled:
             return gocept.amqprun.interfaces.ERROR_HANDLED, error
         return gocept.amqprun.interfaces.HANDLED, None
-
-    @staticmethod
-    def _notify(event):
-        """Tell the subscribers; their errors never fail the message."""
-        try:
-            zope.event.notify(event)
-        except Exception:
-            log.error('A subscriber of IMessageHandled failed for message '
-                      '%s', event.message.header.message_id, exc_info=True)
 
     def _used_up(self, message, handler):
         """Dead-letter without handling a message that used up its attempts.

@@ -36,6 +36,7 @@ import zope.interface
 
 import gocept.amqprun.datamanager
 import gocept.amqprun.interfaces
+import gocept.amqprun.process
 import gocept.amqprun.xmlheader
 
 
@@ -242,8 +243,20 @@ class FileDataManager:
         """Nothing to do before the vote."""
 
     def tpc_vote(self, txn):
-        """Write both files under temporary names, rename them into place.
-        """
+        """Write both files under temporary names, rename them into place;
+        notify ``IFileWritten`` with the outcome."""
+        try:
+            self._write()
+        except Exception as e:
+            self._written_event(e)
+            raise
+        self._written_event()
+
+    def _written_event(self, error=None):
+        gocept.amqprun.process.notify(gocept.amqprun.interfaces.FileWritten(
+            self.base_directory, self.path, error))
+
+    def _write(self):
         body_path = resolve(self.base_directory, self.path)
         directory = os.path.dirname(body_path)
         header_path = os.path.join(

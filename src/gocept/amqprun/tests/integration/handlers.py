@@ -124,3 +124,10 @@ def classic_on_a_quorum_queue(message):
     """Declares a classic queue; the tests make it exist as a quorum queue.
     """
     return []  # pragma: no cover (never consumes: the declare is refused)
+
+
+@gocept.amqprun.handler.declare('test.queue.die', 'test.die')
+def die(message):
+    """Ends its worker thread (SystemExit is no handler error)."""
+    _record(message)
+    raise SystemExit('provoked end of the worker thread')

@@ -4,6 +4,7 @@ import amqp
 import pytest
 import transaction
 import zope.component
+import zope.component.event  # noqa: F401 (dispatches events to handlers)
 import zope.security.management
 
 import gocept.amqprun.testing
@@ -31,6 +32,17 @@ def registry():
     gocept.amqprun.testing.reset_registry()
     yield zope.component.getGlobalSiteManager()
     gocept.amqprun.testing.reset_registry()
+
+
+@pytest.fixture
+def events(registry):
+    """Factory: ``events(IEvent)`` returns the list that collects every
+    IEvent notified from then on."""
+    def collect(interface):
+        collected = []
+        registry.registerHandler(collected.append, (interface,))
+        return collected
+    return collect
 
 
 @pytest.fixture

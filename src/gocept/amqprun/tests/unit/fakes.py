@@ -10,6 +10,7 @@ import threading
 
 import zope.interface
 
+import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
 import gocept.amqprun.server
@@ -125,7 +126,11 @@ class FakeServer:
         self.ops = []
         self.outcomes = list(outcomes)
         self.tasks = queue.Queue()
+        self.parameters = gocept.amqprun.connection.Parameters()
         self.consuming = True
+        self.last_turn = None
+        self.history = gocept.amqprun.connection.ConnectionHistory()
+        self.commit_observers = []
         self._local = threading.local()
 
     def start(self):

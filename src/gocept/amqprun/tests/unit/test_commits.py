@@ -353,3 +353,30 @@ def test_fail_pending_skips_ops_whose_waiter_gave_up(commits):
     with pytest.raises(CommitFailed):
         op.wait(0)
     assert commits.fail_pending(ConnectionLost('stopped')) == 0
+
+
+# -- observers ---------------------------------------------------------------
+
+def test_observers_learn_size_and_duration_of_each_commit(commits):
+    seen = []
+    commits.observers.append(lambda size, seconds: seen.append(
+        (size, seconds)))
+    commits.submit(Commit(delivered(1), []))
+    commits.submit(Commit(delivered(2), []))
+    commits.submit(Commit(None, [outgoing_message()]))
+    run_pass(commits)
+    assert sorted(size for size, _ in seen) == [1, 2]
+    assert all(seconds >= 0 for _, seconds in seen)
+
+
+def test_observers_learn_nothing_when_every_op_failed(commits):
+    seen = []
+    commits.observers.append(lambda *args: seen.append(args))
+    unsendable = outgoing_message()
+    unsendable.header.headers = {'bad': object()}
+    op = Commit(delivered(1), [unsendable])
+    commits.submit(op)
+    commits.channel = FakeEncodingChannel()
+    run_pass(commits)
+    assert isinstance(error_of(op), CommitFailed)
+    assert seen == []

@@ -83,6 +83,7 @@ def test_load_gives_sections_with_defaults(write, tmp_path):
     assert worker.dead_letter_routing_key is None
     assert worker.dead_letter_exchange == 'amq.topic'
     assert conf.settings is None
+    assert conf.metrics is None
     assert conf.loggers == []
 
 
@@ -163,6 +164,41 @@ def test_amqp_server_datatype_checks_ranges(write, amqp, problem):
 ])
 def test_worker_datatype_checks_ranges(write, worker, problem):
     assert problem in load_error(write(worker=worker))
+
+
+def metrics(*lines):
+    return '<metrics>\n%s\n</metrics>' % '\n'.join(lines)
+
+
+@pytest.mark.parametrize('address, expected', [
+    ('127.0.0.1:9187', ('127.0.0.1', 9187)),
+    ('0.0.0.0:0', ('0.0.0.0', 0)),
+    ('[::1]:9187', ('::1', 9187)),
+    ('9187', ('127.0.0.1', 9187)),
+    ('localhost:65535', ('localhost', 65535)),
+])
+def test_metrics_address_is_host_and_port(write, address, expected):
+    conf = gocept.amqprun.config.load(
+        write(extra=metrics('address %s' % address)))
+    assert conf.metrics.address == expected
+    assert conf.metrics.liveness_timeout == 30.0
+
+
+@pytest.mark.parametrize('address', [
+    'localhost', 'localhost:65536', ':9187', 'host:-1', 'host:port'])
+def test_metrics_address_must_be_host_and_port(write, address):
+    message = load_error(write(extra=metrics('address %s' % address)))
+    assert repr(address) in message and 'line 16' in message
+
+
+def test_metrics_section_needs_an_address(write):
+    assert 'address' in load_error(write(extra=metrics()))
+
+
+def test_metrics_liveness_timeout_must_be_positive(write):
+    message = load_error(write(extra=metrics(
+        'address 127.0.0.1:0', 'liveness-timeout 0')))
+    assert 'must be positive' in message
 
 
 def test_worker_amount_must_not_be_negative(write):

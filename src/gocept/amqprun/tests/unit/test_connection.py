@@ -17,6 +17,7 @@ import ZConfig
 
 import gocept.amqprun.config
 from gocept.amqprun.connection import DEFAULT_PORT
+from gocept.amqprun.connection import LOSS_REASONS
 from gocept.amqprun.connection import ConnectionHistory
 from gocept.amqprun.connection import Node
 from gocept.amqprun.connection import OpChannel
@@ -509,3 +510,26 @@ def test_history_forgets_old_generations():
     error = history.stale_error(Delivery(1, 3))
     assert 'went away' not in str(error)
     assert isinstance(error, ConnectionLost)
+
+
+@pytest.mark.parametrize('error, reason', [
+    (amqp.exceptions.PreconditionFailed(
+        'delivery acknowledgement on channel 1 timed out'), 'ack-timeout'),
+    (amqp.exceptions.ConnectionForced('Too many heartbeats missed'),
+     'heartbeat'),
+    (amqp.exceptions.NotFound('no exchange'), 'channel-closed'),
+    (amqp.exceptions.ConnectionForced('shutdown'), 'broker-closed'),
+    (TimeoutError('timed out'), 'timeout'),
+    (ConnectionResetError('reset'), 'network'),
+    (EOFError(), 'network'),
+    (ConnectionLost('gone'), 'other'),
+])
+def test_history_counts_losses_by_reason(error, reason):
+    history = ConnectionHistory()
+    history.connected()
+    loss = history.lose(error, 0)
+    history.lose(EOFError(), 1)  # the same connection: counted once
+    assert loss.reason == reason
+    assert reason in LOSS_REASONS
+    assert history.losses == {reason: 1}
+    assert history.last_loss is loss

@@ -10,12 +10,14 @@ import transaction.interfaces
 import zope.interface.verify
 
 import gocept.amqprun.datamanager
+import gocept.amqprun.interfaces
 from gocept.amqprun.datamanager import AMQPDataManager
 from gocept.amqprun.datamanager import NoOpSavepoint
 from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeChannel
+from gocept.amqprun.tests.unit.fakes import FakeServer
 from gocept.amqprun.tests.unit.fakes import RecordingDataManager
 from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import received_message
@@ -294,3 +296,33 @@ def test_savepoint_of_thread_local_transaction(log):
 def test_data_manager_repr_names_the_session():
     assert repr(AMQPDataManager(Session(None))) == (
         '<AMQPDataManager for <Session send>>')
+
+
+def test_send_outside_a_handler_notifies_its_outcome(tm, log, events):
+    finished = events(gocept.amqprun.interfaces.ISendFinished)
+    server = FakeServer()
+    session = Session(server)
+    join(tm, session)
+    session.messages.extend([outgoing_message(), outgoing_message()])
+    tm.commit()
+    [event] = finished
+    assert (event.count, event.error) == (2, None)
+
+
+def test_failed_send_outside_a_handler_notifies_its_error(tm, log, events):
+    finished = events(gocept.amqprun.interfaces.ISendFinished)
+    error = gocept.amqprun.interfaces.CommitInDoubt('lost')
+    session = Session(FakeServer(outcomes=[error]))
+    join(tm, session)
+    session.messages.append(outgoing_message())
+    with pytest.raises(gocept.amqprun.interfaces.CommitInDoubt):
+        tm.commit()
+    [event] = finished
+    assert (event.count, event.error) == (1, error)
+
+
+def test_handled_message_notifies_no_send(tm, log, events):
+    finished = events(gocept.amqprun.interfaces.ISendFinished)
+    join(tm, handled_session(FakeServer()))
+    tm.commit()
+    assert finished == []

@@ -13,9 +13,19 @@ from gocept.amqprun import interfaces
     (interfaces.WorkersStopped(), interfaces.IWorkersStopped),
     (interfaces.MessageHandled('message', 'name', 'handled'),
      interfaces.IMessageHandled),
+    (interfaces.SendFinished(1), interfaces.ISendFinished),
+    (interfaces.FileWritten('/dir', 'path'), interfaces.IFileWritten),
+    (interfaces.FileSent('/dir', 'name'), interfaces.IFileSent),
 ], ids=lambda value: type(value).__name__)
 def test_events_provide_their_interfaces(event, interface):
     assert zope.interface.verify.verifyObject(interface, event)
+
+
+def test_observation_events_say_what_they_are_about():
+    assert repr(interfaces.SendFinished(2, RuntimeError())) == (
+        '<SendFinished 2 message(s), failed>')
+    assert repr(interfaces.FileWritten('/d', 'p')) == '<FileWritten p in /d>'
+    assert repr(interfaces.FileSent('/d', 'n')) == '<FileSent n of /d>'
 
 
 def test_message_stored_carries_message_and_path():

@@ -18,6 +18,7 @@ import gocept.amqprun.config
 import gocept.amqprun.interfaces
 import gocept.amqprun.main
 import gocept.amqprun.process
+from gocept.amqprun.interfaces import ConfigurationError
 from gocept.amqprun.interfaces import IConfigFinished
 from gocept.amqprun.interfaces import IHandler
 from gocept.amqprun.interfaces import IProcessStarted
@@ -500,3 +501,22 @@ def test_signal_handlers_are_left_alone_outside_the_main_thread():
     thread.start()
     thread.join()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_metrics_without_the_extra_is_a_configuration_error_naming_it(
+        monkeypatch):
+    monkeypatch.setitem(sys.modules, 'prometheus_client', None)
+    monkeypatch.delitem(sys.modules, 'gocept.amqprun.metrics',
+                        raising=False)
+    conf = types.SimpleNamespace(metrics=types.SimpleNamespace(
+        address=('127.0.0.1', 0), liveness_timeout=30))
+    with pytest.raises(ConfigurationError) as info:
+        gocept.amqprun.main.start_metrics(conf, None, None)
+    assert str(info.value).startswith(
+        'The <metrics> section needs the metrics extra: pip install '
+        'gocept.amqprun[metrics]')
+
+
+def test_no_metrics_section_serves_nothing():
+    conf = types.SimpleNamespace(metrics=None)
+    assert gocept.amqprun.main.start_metrics(conf, None, None) is None

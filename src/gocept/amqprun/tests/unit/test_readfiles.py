@@ -361,3 +361,17 @@ def test_register_reader_hooks_the_reader_to_the_process_events(
     finally:
         zope.event.notify(gocept.amqprun.interfaces.ProcessStopping())
     assert not reader.thread.is_alive()
+
+
+def test_sent_and_failed_files_are_notified_by_directory(
+        maildir, reader, sender, events):
+    sent = events(gocept.amqprun.interfaces.IFileSent)
+    deliver(maildir, 'a')
+    sender.fail = True
+    reader.scan(sender)
+    sender.fail = False
+    reader.scan(sender)
+    assert [(event.directory, event.name) for event in sent] == [
+        (maildir, 'a'), (maildir, 'a')]
+    assert isinstance(sent[0].error, Exception)
+    assert sent[1].error is None

@@ -895,3 +895,17 @@ def test_stop_during_a_block_shuts_the_socket_down(server, caplog):
 def test_stop_when_not_blocked_leaves_the_socket_alone(server):
     server._socket = object()  # would fail if touched
     server.stop()
+
+
+# -- what observers read -----------------------------------------------------
+
+def test_loop_turns_while_it_waits_to_reconnect(unconnected):
+    assert unconnected.last_turn is None
+    before = time.monotonic()
+    unconnected._sleep(0)
+    assert unconnected.last_turn >= before
+
+
+def test_commit_observers_are_those_of_the_commit_queue(unconnected):
+    assert unconnected.commit_observers is unconnected.commits.observers
+    assert unconnected.commit_observers == []

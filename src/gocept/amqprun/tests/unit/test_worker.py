@@ -363,12 +363,12 @@ def test_a_failing_subscriber_never_fails_a_committed_message(
     def broken_subscriber(event):
         raise RuntimeError('subscriber broke')
     zope.component.provideHandler(broken_subscriber, (IMessageHandled,))
-    with caplog.at_level(logging.ERROR, 'gocept.amqprun.worker'):
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.process'):
         worker.handle(task(returning()))
     assert server.rejects == []
     assert [op.delivery.tag for op in server.commits] == [1]
-    assert ('A subscriber of IMessageHandled failed for message '
-            '<orig@example>') in caplog.messages
+    assert ("A subscriber failed for <MessageHandled <orig@example> by "
+            "'test': handled>") in caplog.messages
 
 
 # -- retry policy and dead letters -------------------------------------------

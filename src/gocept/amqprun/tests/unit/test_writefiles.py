@@ -484,3 +484,22 @@ def test_an_existing_file_of_that_name_is_replaced(tmp_path):
     (tmp_path / 'foo').write_bytes(b'old')
     store(FileWriter(str(tmp_path), 'foo'), message(b'new'))
     assert (tmp_path / 'foo').read_bytes() == b'new'
+
+
+def test_written_files_are_notified_with_directory_and_path(
+        tmp_path, events):
+    written = events(gocept.amqprun.interfaces.IFileWritten)
+    store(FileWriter(str(tmp_path), 'foo'), message())
+    [event] = written
+    assert (event.directory, event.path, event.error) == (
+        str(tmp_path), 'foo', None)
+
+
+def test_failed_write_is_notified_with_its_error(tmp_path, events):
+    written = events(gocept.amqprun.interfaces.IFileWritten)
+    (tmp_path / 'out').write_text('in the way')
+    with pytest.raises(OSError):
+        store(FileWriter(str(tmp_path / 'out'), 'foo'), message())
+    [event] = written
+    assert event.directory == str(tmp_path / 'out')
+    assert isinstance(event.error, OSError)
