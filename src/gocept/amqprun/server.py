@@ -44,12 +44,14 @@ class Delivery:
 
     A delivery tag only means something on the channel that delivered it;
     ``generation`` changes with every (re)connect, so a stale tag is never
-    sent on a new channel.
+    sent on a new channel. ``key`` names the message across redeliveries
+    (see :func:`gocept.amqprun.message.redelivery_key`).
     """
 
-    def __init__(self, generation, tag, received=None):
+    def __init__(self, generation, tag, received=None, key=None):
         self.generation = generation
         self.tag = tag
+        self.key = key
         #: ``time.monotonic()`` when it arrived: tells which of the
         #: deliveries in flight a broker ``consumer_timeout`` was about.
         self.received = time.monotonic() if received is None else received
@@ -90,6 +92,7 @@ class Server(gocept.amqprun.process.LoopState):
         self._stop_consuming = False
         self._channel = None
         self._send_channel = None
+        self._scratch = None
         self._consumer_tags = []
         self._local = threading.local()
         self._wake_r, self._wake_w = os.pipe()
@@ -98,6 +101,11 @@ class Server(gocept.amqprun.process.LoopState):
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
     # -- any thread ---------------------------------------------------------
+
+    @property
+    def max_message_size(self):
+        """The largest body ``send`` accepts (the parameters')."""
+        return self.parameters.max_message_size
 
     def stop(self):
         """Make ``start()`` return: it closes the connection first."""
@@ -232,6 +240,8 @@ class Server(gocept.amqprun.process.LoopState):
             self.connection)
         self._send_channel = gocept.amqprun.connection.open_channel(
             self.connection)
+        self._scratch = gocept.amqprun.connection.ScratchChannel(
+            self.connection)
         if self.setup_handlers:
             self._declare_and_consume()
 
@@ -273,7 +283,9 @@ class Server(gocept.amqprun.process.LoopState):
             routing_key=info['routing_key'],
             redelivered=info.get('redelivered', False),
             exchange=info.get('exchange'))
-        message.delivery = Delivery(generation, info['delivery_tag'])
+        message.delivery = Delivery(
+            generation, info['delivery_tag'],
+            key=gocept.amqprun.message.redelivery_key(message))
         log.debug("Received message %s via routing key '%s' for '%s'",
                   info['delivery_tag'], info['routing_key'], name)
         self.tasks.put(Task(message, handler, name))
@@ -294,7 +306,8 @@ class Server(gocept.amqprun.process.LoopState):
         self._commit_due()
 
     def _commit_due(self):
-        self.commits.commit_due(self._channel, self._send_channel)
+        self.commits.commit_due(
+            self._channel, self._send_channel, self._scratch)
 
     def _read_frames(self, sock):
         # One frame per blocking_read; go on while the socket has data, so
@@ -384,7 +397,7 @@ class Server(gocept.amqprun.process.LoopState):
     def _disconnect(self, graceful=True):
         """Forget the connection; close it (``graceful``) or drop it."""
         connection, self.connection = self.connection, None
-        self._channel = self._send_channel = None
+        self._channel = self._send_channel = self._scratch = None
         self._consumer_tags = []
         if connection is None:
             return

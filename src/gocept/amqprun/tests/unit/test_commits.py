@@ -19,6 +19,7 @@ from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.interfaces import RecoverableError
 from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
+from gocept.amqprun.tests.unit.fakes import FakeBroker
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 from gocept.amqprun.tests.unit.fakes import FakeEncodingChannel
 from gocept.amqprun.tests.unit.fakes import error_of
@@ -32,14 +33,17 @@ def commits():
     history = ConnectionHistory()
     history.connected()
     commits = CommitQueue(history)
-    commits.channel = FakeChannel()
-    commits.send_channel = FakeChannel()
+    commits.broker = FakeBroker()
+    commits.channel = commits.broker.channel()
+    commits.send_channel = commits.broker.channel()
+    commits.scratch = commits.broker.scratch()
     return commits
 
 
 def run_pass(commits):
     """What one pass of the I/O loop does."""
-    commits.commit_due(commits.channel, commits.send_channel)
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch)
 
 
 def delivered(tag, generation=1):
@@ -125,7 +129,8 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
     first = Commit(delivered(1), [outgoing_message()])
     second = Commit(delivered(2), [])
     with pytest.raises(BrokenPipeError):
-        commits._commit_batch(commits.channel, [first, second])
+        commits._commit_batch(commits.channel, [first, second],
+                              commits.scratch)
     assert isinstance(error_of(first), RecoverableError)
     assert isinstance(error_of(second), RecoverableError)
     assert 'tx_commit' not in commits.channel.names
@@ -134,7 +139,7 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
 def test_unpublishable_message_fails_alone_and_the_rest_commits(commits):
     good = Commit(delivered(1), [outgoing_message(b'good')])
     bad = Commit(delivered(2), [Message(dict(timestamp='yesterday'), b'')])
-    commits._commit_batch(commits.channel, [good, bad])
+    commits._commit_batch(commits.channel, [good, bad], commits.scratch)
     assert isinstance(error_of(bad), CommitFailed)
     assert error_of(good) is None
     names = commits.channel.names
@@ -150,7 +155,7 @@ def test_message_with_unencodable_header_fails_alone(commits):
     good = Commit(None, [outgoing_message(b'good')])
     bad = Commit(None, [outgoing_message(b'bad', custom=object())])
     channel = FakeEncodingChannel()
-    commits._commit_batch(channel, [bad, good])
+    commits._commit_batch(channel, [bad, good], commits.scratch)
     assert isinstance(error_of(bad), CommitFailed)
     assert error_of(good) is None
     assert channel.published == [b'good']
@@ -202,7 +207,7 @@ def test_failed_tx_commit_fails_every_op_of_the_batch(commits, error):
            Commit(delivered(2), []),
            Reject(delivered(3))]
     with pytest.raises(type(error)):
-        commits._commit_batch(channel, ops)
+        commits._commit_batch(channel, ops, commits.scratch)
     errors = [error_of(op) for op in ops]
     assert all(isinstance(e, CommitFailed) for e in errors)
     assert len({id(e) for e in errors}) == 1
