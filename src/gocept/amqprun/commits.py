@@ -214,7 +214,8 @@ class CommitQueue:
             failed.resolve(error)
             ops.remove(failed)
         for op in ops:
-            if self._is_suspect(op):
+            if op.messages and self._is_suspect(op):
+                # Its publishes went through (a reject proves nothing).
                 del self._suspects[op.delivery.key]
             op.resolve()
         log.debug('Committed %d op(s) in one AMQP transaction', len(ops))

@@ -412,6 +412,15 @@ def test_suspect_that_commits_is_forgotten(commits):
     assert list(commits._suspects) == []
 
 
+def test_suspect_stays_one_when_its_reject_commits(commits):
+    refused_batch(commits)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    commits.submit(Reject(keyed(9, '<bad>')))
+    run_pass(commits)
+    assert list(commits._suspects) == ['<bad>']
+
+
 def test_suspects_are_bounded(commits):
     commits.suspects_kept = 2
     for tag, key in enumerate(['<1>', '<2>', '<3>']):
