@@ -24,6 +24,8 @@ class ChannelOp:
 
     #: Seconds since the epoch before which the server must not execute it.
     not_before = 0
+    #: The messages it publishes.
+    messages = ()
 
     #: True when executing it publishes (held while the broker blocks).
     publishes = False

@@ -8,9 +8,21 @@ commits each channel's share with one ``tx.commit``. Each op's ack and
 publishes stay atomic: they are in one AMQP transaction and succeed or
 fail together. What a failed batch means:
 
+* an op with a message to a missing exchange fails alone before anything
+  is executed (the exchanges are checked on the scratch channel, once per
+  connection); so does an op of a *suspect*, a message whose publish the
+  broker refused before, when the scratch channel's dry run (publish,
+  roll back) is refused again;
 * an op that cannot be put on the wire (``CommitFailed`` from its
   ``execute``) fails alone: the transaction is rolled back and the others
   are executed again;
+* the broker refused the transaction (it closed the channel, e.g. for a
+  property it rejects): every delivery of the channel is dead, the broker
+  requeues them. The ops' publishes are tried one by one on the scratch
+  channel; the op whose publish is refused fails with ``PublishRefused``
+  and becomes a suspect, the others fail with ``ConnectionLost`` (not a
+  failed attempt: their messages come back redelivered), sends wait for
+  the next connection;
 * a connection error before ``tx.commit`` was sent: nothing was
   committed; sends wait for the next connection, ops on deliveries fail
   with ``ConnectionLost`` (the broker redelivers);
@@ -41,6 +53,9 @@ log = logging.getLogger(__name__)
 class CommitQueue:
     """Ops waiting for the I/O thread, and the group commit of a pass."""
 
+    #: How many suspects (see :meth:`_isolate`) are remembered.
+    suspects_kept = 1000
+
     def __init__(self, history):
         #: The server's ConnectionHistory: which deliveries are stale.
         self.history = history
@@ -52,6 +67,8 @@ class CommitQueue:
         #: Callables ``observer(size, seconds)`` told about each AMQP
         #: transaction committed (see ``IServer.commit_observers``).
         self.observers = []
+        #: Keys of received messages whose publish the broker refused.
+        self._suspects = collections.OrderedDict()
 
     def submit(self, op):
         """Queue an ``IChannelOp``; any thread."""
@@ -72,32 +89,79 @@ class CommitQueue:
             timeout = min(timeout, max(0, self._delayed[0][0] - now))
         return timeout
 
-    def commit_due(self, channel, send_channel, now=None, blocked=False):
+    def commit_due(self, channel, send_channel, scratch, now=None,
+                   blocked=False):
         """Execute every due op; commit each channel's share once.
 
         Ops on deliveries go to ``channel`` (the consumer channel), sends
-        to ``send_channel``. With ``blocked`` ops that publish are held
-        instead. Connection errors propagate after every taken op was
-        resolved or put back.
+        to ``send_channel``; ``scratch`` (a ``ScratchChannel``) answers
+        whether an op's publishes would be refused. With ``blocked`` ops
+        that publish are held instead. Connection errors propagate after
+        every taken op was resolved or put back.
         """
         batches = {}
+        taken = []
         for op in self._claim_due(
                 time.time() if now is None else now, blocked):
             target = self._channel_for(op, channel, send_channel)
             if target is None:
                 op.resolve(self.history.stale_error(op.delivery))
                 continue
+            taken.append((target, op))
+        for number, (target, op) in enumerate(taken):
+            try:
+                refused = self._refusal(op, scratch)
+            except gocept.amqprun.connection.CONNECTION_ERRORS:
+                self._give_up_unexecuted(op for _, op in taken[number:])
+                for _, ops in batches.values():
+                    self._give_up_unexecuted(ops)
+                raise
+            if refused is not None:
+                op.resolve(refused)
+                continue
             batches.setdefault(id(target), (target, []))[1].append(op)
         batches = list(batches.values())
         for number, (target, ops) in enumerate(batches):
             try:
-                self._commit_batch(target, ops)
+                self._commit_batch(target, ops, scratch)
             except gocept.amqprun.connection.CONNECTION_ERRORS:
                 # The other channels' batches were taken already: resolve
                 # them here or their waiters hang.
                 for _, others in batches[number + 1:]:
                     self._give_up_unexecuted(others)
                 raise
+
+    def _refusal(self, op, scratch):
+        """The error the broker would refuse ``op`` with, or None.
+
+        Checks the exchange of each message (cheap: remembered per
+        connection); a suspect's publishes are also tried on the scratch
+        channel, so that a refusal costs the scratch channel only.
+        """
+        now = time.monotonic()
+        suspect = self._is_suspect(op)
+        try:
+            for message in op.messages:
+                scratch.check_exchange(message, now)
+                if suspect:
+                    scratch.try_publish(message)
+        except gocept.amqprun.interfaces.CommitFailed as e:
+            log.debug('%r is refused before execution: %s', op, e)
+            return e
+        return None
+
+    def _is_suspect(self, op):
+        return op.delivery is not None and op.delivery.key in self._suspects
+
+    def _suspect(self, op):
+        """Remember that the broker refused a publish of ``op``'s message.
+        """
+        if op.delivery is None:
+            return  # a send's sender learns it from its commit
+        self._suspects[op.delivery.key] = True
+        self._suspects.move_to_end(op.delivery.key)
+        while len(self._suspects) > self.suspects_kept:
+            self._suspects.popitem(last=False)
 
     def fail_pending(self, error=None, stale_only=False):
         """Resolve pending and held ops with ``error`` (or their loss's
@@ -153,7 +217,7 @@ class CommitQueue:
             return None
         return channel
 
-    def _commit_batch(self, channel, ops):
+    def _commit_batch(self, channel, ops, scratch):
         """Execute ``ops`` and commit them in one AMQP transaction."""
         op_channel = gocept.amqprun.connection.OpChannel(channel)
         ops = list(ops)
@@ -176,7 +240,10 @@ class CommitQueue:
                 else:
                     channel.tx_rollback()
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
-                self._fail_batch(ops, e, committing)
+                if committing and self._was_refused(e):
+                    self._isolate(ops, e, scratch)
+                else:
+                    self._fail_batch(ops, e, committing)
                 raise
             if failed is None:
                 break
@@ -185,11 +252,79 @@ class CommitQueue:
             failed.resolve(error)
             ops.remove(failed)
         for op in ops:
+            if op.messages and self._is_suspect(op):
+                # Its publishes went through (a reject proves nothing).
+                del self._suspects[op.delivery.key]
             op.resolve()
         log.debug('Committed %d op(s) in one AMQP transaction', len(ops))
         if seconds is not None:
             for observer in self.observers:
                 observer(len(ops), seconds)
+
+    def _was_refused(self, error):
+        """True when the broker closed the channel because of something in
+        the transaction (not a consumer_timeout, which closes it too)."""
+        return (gocept.amqprun.connection.is_channel_error(error)
+                and gocept.amqprun.connection.Loss.of(
+                    error, 0).ack_timeout is None)
+
+    def _isolate(self, ops, error, scratch):
+        """The broker refused the transaction of ``ops`` and closed their
+        channel: find the op(s) it refused; resolve every op.
+
+        Nothing of the transaction was committed. The refused ops fail with
+        the broker's reason and become suspects; the others fail with
+        ``ConnectionLost`` (their deliveries died with the channel, the
+        broker redelivers them) or, for sends, wait for the next
+        connection. Without a culprit (the refusal was not about a publish)
+        every op fails with ``CommitFailed``.
+        """
+        try:
+            culprits = self._find_culprits(ops, scratch)
+        except gocept.amqprun.connection.CONNECTION_ERRORS:
+            self._give_up_unexecuted(ops)
+            raise
+        if not culprits:
+            log.warning('The broker refused an AMQP transaction of %d '
+                        'op(s) (%s), not for one of its publishes; all of '
+                        'them fail', len(ops), describe(error))
+            failure = gocept.amqprun.interfaces.CommitFailed(
+                'The broker refused the AMQP transaction: %s'
+                % describe(error))
+            for op in ops:
+                op.resolve(failure)
+            return
+        log.warning('The broker refused an AMQP transaction of %d op(s) '
+                    'because of %d of them and closed the channel: %s; '
+                    'the others are not counted as failed', len(ops),
+                    len(culprits), '; '.join(
+                        str(culprit) for culprit in culprits.values()))
+        innocent = gocept.amqprun.interfaces.ConnectionLost(
+            'The broker closed the channel because of another message in '
+            'the same AMQP transaction (%s); the broker redelivers this one'
+            % describe(error))
+        for op in ops:
+            if op in culprits:
+                self._suspect(op)
+                op.resolve(culprits[op])
+            elif op.delivery is None:
+                op.unclaim()
+                self._ops.append(op)
+            else:
+                op.resolve(innocent)
+
+    @staticmethod
+    def _find_culprits(ops, scratch):
+        """{op: refusal} of the ops whose publishes the broker refuses."""
+        culprits = {}
+        for op in ops:
+            for message in op.messages:
+                try:
+                    scratch.try_publish(message)
+                except gocept.amqprun.interfaces.CommitFailed as e:
+                    culprits[op] = e
+                    break
+        return culprits
 
     def _give_up_unexecuted(self, ops):
         """Ops claimed but not executed when the connection failed.
@@ -222,18 +357,8 @@ class CommitQueue:
                 op.resolve(in_doubt if op.delivery is None
                            else loss.error_for(op.delivery))
             return
-        if gocept.amqprun.connection.is_channel_error(error):
-            # The broker refused something in this transaction (e.g. a
-            # publish to a missing exchange) and closed the channel; every
-            # op of it counts as failed.
-            failure = gocept.amqprun.interfaces.CommitFailed(
-                'The broker refused the AMQP transaction: %s'
-                % describe(error))
-        else:
-            log.warning('Connection lost while committing %d op(s): the '
-                        'broker may or may not have committed them; what '
-                        'it did not commit comes back redelivered',
-                        len(ops))
-            failure = in_doubt
+        log.warning('Connection lost while committing %d op(s): the '
+                    'broker may or may not have committed them; what it '
+                    'did not commit comes back redelivered', len(ops))
         for op in ops:
-            op.resolve(failure)
+            op.resolve(in_doubt)

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 5672
 DEFAULT_TLS_PORT = 5671
 
+#: RabbitMQ 3.x's default ``max_message_size`` (Debian 12 ships 3.10):
+#: 128 MiB. RabbitMQ 4.x lowered it to 16 MiB.
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+
 #: Errors after which the connection (and every channel on it) is unusable.
 CONNECTION_ERRORS = (
     OSError, socket.timeout, EOFError, IOError,
@@ -187,7 +191,8 @@ class Parameters:
                  reconnect_delay=1.0, reconnect_max_delay=30.0,
                  shuffle_hosts=False, ssl_ca_file=None, ssl_cert_file=None,
                  ssl_key_file=None, ssl_verify=True,
-                 ssl_server_hostname=None):
+                 ssl_server_hostname=None,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
         self.ssl = ssl
         self.port = int(port) if port else (
             DEFAULT_TLS_PORT if ssl else DEFAULT_PORT)
@@ -216,6 +221,8 @@ class Parameters:
         #: The ``ssl.SSLContext`` connections use, or None without TLS.
         self.tls_context = tls_context(
             ssl, ssl_ca_file, ssl_cert_file, ssl_key_file, self.ssl_verify)
+        #: Largest body in bytes ``send`` accepts; 0: no limit.
+        self.max_message_size = int(max_message_size or 0)
 
     @classmethod
     def from_section(cls, section, **overrides):
@@ -405,15 +412,114 @@ class OpChannel:
         bytes): py-amqp encodes a frame completely before writing it, so the
         connection is intact and only this op fails.
         """
-        body = message.body if message.body is not None else b''
+        publish(self._channel, message)
+
+
+def publish(channel, message):
+    """Publish ``message`` on the py-amqp ``channel`` (see OpChannel)."""
+    body = message.body if message.body is not None else b''
+    try:
+        channel.basic_publish(
+            amqp.Message(body, **message.header.properties()),
+            exchange=message.exchange,
+            routing_key=message.routing_key or '')
+    except UNSENDABLE as e:
+        raise gocept.amqprun.interfaces.CommitFailed(
+            'Cannot publish %r: %s' % (message, describe(e))) from e
+
+
+def describe_publish(message):
+    """``message <id> to exchange 'x' with routing key 'k'`` for errors."""
+    return 'message %s to exchange %r with routing key %r' % (
+        message.header.message_id, message.exchange,
+        message.routing_key or '')
+
+
+def refusal(message, error):
+    """The error for ``message`` when the broker closed a channel with
+    ``error`` because of it.
+
+    ``ACCESS_REFUSED`` (no write permission) is a ``CommitFailed``: the
+    operator fixes it for every message alike. Everything else the broker
+    refuses about one publish is a ``PublishRefused``.
+    """
+    kind = (gocept.amqprun.interfaces.CommitFailed
+            if isinstance(error, amqp.exceptions.AccessRefused)
+            else gocept.amqprun.interfaces.PublishRefused)
+    return kind('The broker refused %s: %s' % (
+        describe_publish(message), describe(error)))
+
+
+class ScratchChannel:
+    """A channel of the I/O thread for questions that may cost a channel.
+
+    One per connection. :meth:`check_exchange` asks whether an exchange
+    exists (a passive declare; known exchanges are remembered for the
+    connection's life); :meth:`try_publish` publishes a message in a
+    transaction and rolls it back, to learn whether the broker takes it.
+    A refusal closes this channel, never the consumer or send channel;
+    the next question opens a fresh one. Connection errors propagate.
+    """
+
+    #: Seconds a missing exchange is believed missing before it is asked
+    #: about again (it may have been created meanwhile).
+    recheck_missing = 1.0
+
+    def __init__(self, connection):
+        self._connection = connection
+        self._channel = None
+        self._known = {''}  # the default exchange always exists
+        self._missing = {}  # name -> (monotonic time, the broker's reason)
+
+    def _open(self):
+        if self._channel is None:
+            self._channel = open_channel(self._connection)
+        return self._channel
+
+    def _refused(self):
+        """The broker closed the channel (py-amqp reopened it, outside
+        transaction mode): close it, open a new one next time."""
+        channel, self._channel = self._channel, None
         try:
-            self._channel.basic_publish(
-                amqp.Message(body, **message.header.properties()),
-                exchange=message.exchange,
-                routing_key=message.routing_key or '')
-        except UNSENDABLE as e:
-            raise gocept.amqprun.interfaces.CommitFailed(
-                'Cannot publish %r: %s' % (message, describe(e))) from e
+            channel.close()
+        except amqp.exceptions.ChannelError:  # pragma: no cover (race)
+            pass
+
+    def check_exchange(self, message, now):
+        """Raise ``PublishRefused`` when ``message.exchange`` is missing.
+
+        ``now`` is ``time.monotonic()``; a missing exchange is asked about
+        again once :attr:`recheck_missing` seconds have passed.
+        """
+        name = message.exchange or ''
+        if name in self._known:
+            return
+        at, reason = self._missing.get(name, (None, None))
+        if at is None or now - at >= self.recheck_missing:
+            try:
+                self._open().exchange_declare(name, 'topic', passive=True)
+            except amqp.exceptions.ChannelError as e:
+                self._refused()
+                at, reason = self._missing[name] = (now, e)
+            else:
+                self._missing.pop(name, None)
+                self._known.add(name)
+                return
+        raise refusal(message, reason)
+
+    def try_publish(self, message):
+        """Publish ``message`` and roll back; raise the broker's refusal.
+
+        A refusal raises ``PublishRefused`` or ``CommitFailed`` (see
+        :func:`refusal`); nothing of it is ever delivered.
+        """
+        channel = self._open()
+        publish(channel, message)
+        try:
+            channel.tx_rollback()
+        except amqp.exceptions.ChannelError as e:
+            self._refused()
+            raise refusal(message, e) from e
 
 
 #: What py-amqp raises while encoding a message it cannot send. (Its

@@ -159,6 +159,11 @@ class ISender(zope.interface.Interface):
     ``IConfigFinished``; look it up with ``zope.component.getUtility``.
     """
 
+    max_message_size = zope.interface.Attribute(
+        'The largest body (bytes) :meth:`send` accepts, 0 for no limit: the '
+        '``max_message_size`` of ``<amqp-server>``, which should match the '
+        'broker\'s (RabbitMQ 3.x: 128 MiB by default, 4.x: 16 MiB).')
+
     def send(message):
         """Queue ``message`` for publishing at commit of the caller's
         transaction.
@@ -176,9 +181,14 @@ class ISender(zope.interface.Interface):
         ``CommitFailed`` and nothing is published. While the broker blocks
         publishing (a resource alarm) a commit the I/O thread has taken
         waits until the broker unblocks, however long; when the server
-        stops meanwhile it fails with ``ConnectionLost``. Returns None;
-        raises nothing itself (errors surface in the caller's
-        ``commit()``).
+        stops meanwhile it fails with ``ConnectionLost``. Returns None.
+
+        A body above :attr:`max_message_size` raises ``PublishRefused`` at
+        once, naming the size and the limit: the broker would refuse it
+        (and close the channel), so it is never put on the wire. Every
+        other error surfaces in the caller's ``commit()``: a publish the
+        broker refuses (a missing exchange, a property it rejects) fails
+        with ``PublishRefused``, and only the transaction it belongs to.
         """
 
 
@@ -597,16 +607,35 @@ class IChannelOp(zope.interface.Interface):
 
     The life of an op: a worker (or data manager) builds it and calls
     ``IServer.submit(op)``, then blocks in :meth:`wait`. The I/O thread
-    takes it once ``not_before`` has passed, :meth:`claim`\\ s it, calls
+    takes it once ``not_before`` has passed, :meth:`claim`\\ s it, checks
+    that the exchange of each of its :attr:`messages` exists, calls
     :meth:`execute` with the channel of its :attr:`delivery`, commits the
     channel's AMQP transaction and :meth:`resolve`\\ s every op of it. The
     methods say which side may call them; no method blocks the I/O thread.
+
+    Refusals stay with their op: an op whose message goes to a missing
+    exchange is resolved with ``PublishRefused`` without being executed.
+    When the broker refuses a transaction of several ops anyway (and closes
+    the channel), the I/O thread tries each op's publishes alone on a
+    scratch channel (publish, roll back) to find the one it refuses: that
+    op fails with ``PublishRefused`` (or ``CommitFailed`` for a missing
+    write permission), its neighbours with ``ConnectionLost`` (their
+    messages come back redelivered; that is no failed attempt of theirs).
+    A message whose publish was refused once is tried on the scratch
+    channel before each later commit, so it never closes the consumer
+    channel again.
     """
 
     delivery = zope.interface.Attribute(
-        'The ``Delivery`` (connection generation and delivery tag) of the '
-        'received message the op settles, or None for a pure send (which '
-        'runs on the send channel and survives a reconnect).')
+        'The ``Delivery`` (connection generation, delivery tag and the '
+        'received message\'s ``key``, which stays the same across '
+        'redeliveries) of the received message the op settles, or None for '
+        'a pure send (which runs on the send channel and survives a '
+        'reconnect).')
+    messages = zope.interface.Attribute(
+        'The IMessages the op publishes (empty for a reject). Read by the '
+        'I/O thread, which checks their exchanges before it executes the '
+        'op.')
     not_before = zope.interface.Attribute(
         'Seconds since the epoch before which the I/O thread must not '
         'execute the op (0: at once). Read by the I/O thread only.')
@@ -689,6 +718,19 @@ class AckTimedOut(ConnectionLost):
 
 class CommitFailed(RecoverableError):
     """The broker did not commit the AMQP transaction."""
+
+
+class PublishRefused(CommitFailed):
+    """The broker refuses to publish this message: retrying cannot help.
+
+    A body above ``max_message_size`` (raised by ``send`` at once), an
+    exchange that does not exist, a property the broker rejects (e.g. a
+    ``user_id`` that is not the connection's user). Only the op of the
+    message fails; the text names the message, exchange, routing key and
+    the reason. A received message whose reply is refused counts a failed
+    attempt (and is dead-lettered once it used them up); ``<amqp:readfiles>``
+    moves such a file to ``failed/``.
+    """
 
 
 class CommitInDoubt(ConnectionLost, CommitFailed):

@@ -133,6 +133,25 @@ def unique_token():
     return '%f-%d-%d' % (time.time(), os.getpid(), count)
 
 
+def redelivery_key(message):
+    """What names a received message across redeliveries: its message id,
+    or (without one) a hash of routing key and body."""
+    return message.header.message_id or hash(
+        (message.routing_key, message.body))
+
+
+def check_size(message, limit):
+    """Raise ``PublishRefused`` when the body of ``message`` is larger
+    than ``limit`` bytes (0: no limit), as the broker would."""
+    size = len(message.body or b'')
+    if limit and size > limit:
+        raise gocept.amqprun.interfaces.PublishRefused(
+            'Cannot publish message %s to exchange %r with routing key %r: '
+            'its body is %d bytes, above max_message_size %d' % (
+                message.header.message_id, message.exchange,
+                message.routing_key or '', size, limit))
+
+
 @zope.interface.implementer(gocept.amqprun.interfaces.IMessage)
 class Message:
     """A message to send, or one received from the broker."""

@@ -14,13 +14,28 @@ Dot-files in ``new/`` are ignored.
 Every ``poll_interval`` seconds the reader sends each file in ``new/`` (in
 name order), one transaction per file, with the file's name in the
 ``X-Filename`` header. A file moves to ``cur/`` only after the AMQP commit
-succeeded: when the broker did not take it, it stays in ``new/`` and is
-sent again at the next scan (at least once, never lost). A file system
-error (``new/`` gone, no permission) is fatal: the reader logs it once and
-asks the process to stop with exit status 1.
+succeeded: when the broker did not take it (it is down, the connection was
+lost), it stays in ``new/`` and is sent again at the next scan (at least
+once, never lost).
+
+A file that can never be sent is a poison file: it moves to ``failed/``
+(created when first needed) with one ERROR line naming it and the reason,
+and the reader goes on with the next file at once. That is anything but a
+regular file (a symbolic link, which is never followed, a FIFO, a device,
+a directory), a file larger than the sender's ``max_message_size`` (found
+with ``fstat``, before anything is read), a file the reader has no
+permission to read, and a file whose publish the broker refuses
+(``PublishRefused``). A file is read into memory once, as the message
+body: a file of the maximum size takes that much memory while it is sent.
+
+A file system error about the directory (``new/`` gone, no permission on
+it, a failed move) is fatal: the reader logs it once and asks the process
+to stop with exit status 1.
 """
+import errno
 import logging
 import os
+import stat
 import threading
 
 import transaction
@@ -38,10 +53,32 @@ log = logging.getLogger(__name__)
 #: The content type of the messages sent (as upstream).
 CONTENT_TYPE = 'text/xml'
 
+#: How a file in ``new/`` is opened: never through a symbolic link, never
+#: blocking (a FIFO without writer), not inherited by child processes.
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class PoisonFile(gocept.amqprun.interfaces.AMQPRunError):
+    """A file that can never be sent; the text says why. It goes to
+    ``failed/``."""
+
+
+def kind_of(mode):
+    """What a file of ``mode`` (``st_mode``) is, in words."""
+    for test, kind in ((stat.S_ISLNK, 'a symbolic link'),
+                       (stat.S_ISFIFO, 'a FIFO'),
+                       (stat.S_ISDIR, 'a directory'),
+                       (stat.S_ISCHR, 'a character device'),
+                       (stat.S_ISBLK, 'a block device'),
+                       (stat.S_ISSOCK, 'a socket')):
+        if test(mode):
+            return kind
+    return 'not a regular file'  # pragma: no cover (no other kinds exist)
+
 
 class Maildir:
-    """The three directories of a Maildir, as far as the reader uses them.
-    """
+    """The directories of a Maildir, as far as the reader uses them:
+    ``tmp``, ``new``, ``cur`` and ``failed`` for poison files."""
 
     def __init__(self, path):
         self.path = path
@@ -52,22 +89,68 @@ class Maildir:
             os.makedirs(os.path.join(self.path, name), exist_ok=True)
 
     def new_files(self):
-        """Return the names of the files in ``new``, sorted; no dot-files.
-        """
+        """Return the names of the entries in ``new``, sorted; no
+        dot-files. (Whatever is not a regular file is found out by
+        :meth:`read_new`.)"""
         with os.scandir(os.path.join(self.path, 'new')) as entries:
             return sorted(entry.name for entry in entries
-                          if not entry.name.startswith('.')
-                          and entry.is_file())
+                          if not entry.name.startswith('.'))
 
-    def read_new(self, name):
-        """Return the content of ``new/<name>``."""
-        with open(os.path.join(self.path, 'new', name), 'rb') as f:
-            return f.read()
+    def read_new(self, name, limit=0):
+        """Return the content of ``new/<name>``.
+
+        Raises :class:`PoisonFile` for what is not a regular file (links
+        are not followed), for a file larger than ``limit`` bytes (0: no
+        limit; nothing is read then) and for a file the reader may not
+        read. Other :class:`OSError`\\ s propagate.
+        """
+        path = os.path.join(self.path, 'new', name)
+        try:
+            fd = os.open(path, OPEN_FLAGS)
+        except OSError as e:
+            raise self._open_error(path, e) from e
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise PoisonFile(kind_of(info.st_mode))
+            _check_size(info.st_size, limit)
+            with open(fd, 'rb', closefd=False) as f:
+                body = f.read()  # one buffer of st_size bytes
+        finally:
+            os.close(fd)
+        _check_size(len(body), limit)  # a writer ignoring the convention
+        return body
+
+    @staticmethod
+    def _open_error(path, error):
+        """The error to raise for ``error`` from opening ``path``."""
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            return PoisonFile('a symbolic link')
+        if isinstance(error, PermissionError):
+            # stat needs search permission on the directory only: if it
+            # fails too, the directory is the trouble (fatal).
+            os.lstat(path)
+            return PoisonFile('no permission to read it')
+        if error.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+            return PoisonFile(kind_of(os.lstat(path).st_mode))
+        return error
 
     def move_to_cur(self, name):
         """Move ``new/<name>`` to ``cur/<name>``."""
         os.rename(os.path.join(self.path, 'new', name),
                   os.path.join(self.path, 'cur', name))
+
+    def move_to_failed(self, name):
+        """Move ``new/<name>`` to ``failed/<name>`` (created if needed)."""
+        os.makedirs(os.path.join(self.path, 'failed'), exist_ok=True)
+        os.rename(os.path.join(self.path, 'new', name),
+                  os.path.join(self.path, 'failed', name))
+
+
+def _check_size(size, limit):
+    if limit and size > limit:
+        raise PoisonFile('%d bytes, above max_message_size %d'
+                         % (size, limit))
 
 
 def filename_header(name):
@@ -139,7 +222,8 @@ class MaildirReader(gocept.amqprun.process.LoopState):
         self._should_stop.set()
 
     def scan(self, sender):
-        """Send the files in ``new`` once; return how many were sent.
+        """Send the files in ``new`` once; return how many were dealt with
+        (sent or put aside in ``failed``).
 
         Stops at the first file the broker did not take; it stays in
         ``new`` for the next scan. Raises :class:`OSError` for file system
@@ -154,14 +238,18 @@ class MaildirReader(gocept.amqprun.process.LoopState):
 
     def send(self, name, sender):
         """Send ``new/<name>`` in a transaction of its own; then move it to
-        ``cur``. Return False when the commit failed (the file stays).
-        Notifies ``IFileSent`` with the outcome.
+        ``cur`` (or, when it can never be sent, to ``failed``). Return
+        False when the commit failed (the file stays in ``new``). Notifies
+        ``IFileSent`` with the outcome.
         """
         try:
-            body = self.maildir.read_new(name)
+            body = self.maildir.read_new(name, sender.max_message_size)
         except FileNotFoundError:
             log.warning('%s vanished from %s/new before it was sent',
                         name, self.maildir.path)
+            return True
+        except PoisonFile as e:
+            self._put_aside(name, e)
             return True
         message = gocept.amqprun.message.Message(
             {'content_type': CONTENT_TYPE,
@@ -173,6 +261,10 @@ class MaildirReader(gocept.amqprun.process.LoopState):
         try:
             sender.send(message)
             transaction.commit()
+        except gocept.amqprun.interfaces.PublishRefused as e:
+            transaction.abort()
+            self._put_aside(name, e)
+            return True
         except Exception as e:
             transaction.abort()
             log.warning('Sending %s/new/%s to %r failed (%s: %s); it stays '
@@ -190,6 +282,12 @@ class MaildirReader(gocept.amqprun.process.LoopState):
                  self.maildir.path, name, self.routing_key,
                  message.header.message_id)
         return True
+
+    def _put_aside(self, name, reason):
+        """Move a poison file to ``failed``; one ERROR line says why."""
+        self.maildir.move_to_failed(name)
+        log.error('Cannot send %s/new/%s to %r (%s); moved it to failed/',
+                  self.maildir.path, name, self.routing_key, reason)
 
     def on_process_started(self, event):
         """Start the reader thread (the connection is usable now)."""

@@ -66,18 +66,13 @@ class FailureCounter:
         self._counts = {}
         self._errors = {}
 
-    @staticmethod
-    def _key(message):
-        return message.header.message_id or hash(
-            (message.routing_key, message.body))
-
     def record(self, message, error=None):
         """Count one more failure; return the number of failures so far.
 
         ``error`` (text) is remembered as the message's last error.
         """
         with self._lock:
-            key = self._key(message)
+            key = gocept.amqprun.message.redelivery_key(message)
             count = self._counts[key] = self._counts.get(key, 0) + 1
             if error is not None:
                 self._errors[key] = error
@@ -86,13 +81,15 @@ class FailureCounter:
     def count(self, message):
         """The number of failures recorded so far (0 for none)."""
         with self._lock:
-            count = self._counts.get(self._key(message), 0)
+            count = self._counts.get(
+                gocept.amqprun.message.redelivery_key(message), 0)
         return self._with_delivery_count(message, count, failed_now=False)
 
     def last_error(self, message):
         """The text of the message's last recorded error, or None."""
         with self._lock:
-            return self._errors.get(self._key(message))
+            return self._errors.get(
+                gocept.amqprun.message.redelivery_key(message))
 
     @staticmethod
     def _with_delivery_count(message, count, failed_now=True):
@@ -106,6 +103,6 @@ class FailureCounter:
     def forget(self, message):
         """The message is done with: drop its count."""
         with self._lock:
-            key = self._key(message)
+            key = gocept.amqprun.message.redelivery_key(message)
             self._counts.pop(key, None)
             self._errors.pop(key, None)

@@ -121,8 +121,8 @@ def send(parameters, message, timeout):
                 raise SendFailed('No connection to the AMQP broker at %s '
                                  'within %s s' % (parameters.address,
                                                   timeout))
-        server.send(message)
         try:
+            server.send(message)  # PublishRefused for a body too large
             transaction.commit()
         except Exception as e:
             transaction.abort()

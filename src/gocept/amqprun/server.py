@@ -61,12 +61,14 @@ class Delivery:
 
     A delivery tag only means something on the channel that delivered it;
     ``generation`` changes with every (re)connect, so a stale tag is never
-    sent on a new channel.
+    sent on a new channel. ``key`` names the message across redeliveries
+    (see :func:`gocept.amqprun.message.redelivery_key`).
     """
 
-    def __init__(self, generation, tag, received=None):
+    def __init__(self, generation, tag, received=None, key=None):
         self.generation = generation
         self.tag = tag
+        self.key = key
         #: ``time.monotonic()`` when it arrived: tells which of the
         #: deliveries in flight a broker ``consumer_timeout`` was about.
         self.received = time.monotonic() if received is None else received
@@ -116,6 +118,7 @@ class Server(gocept.amqprun.process.LoopState):
         self._send_channel = None
         #: The connection's socket, for ``_abort_blocked_io()``.
         self._socket = None
+        self._scratch = None
         self._consumer_tags = []
         #: Index in ``parameters.nodes`` where the next round starts.
         self._first_node = 0
@@ -126,6 +129,11 @@ class Server(gocept.amqprun.process.LoopState):
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
     # -- any thread ---------------------------------------------------------
+
+    @property
+    def max_message_size(self):
+        """The largest body ``send`` accepts (the parameters')."""
+        return self.parameters.max_message_size
 
     def stop(self):
         """Make ``start()`` return: it closes the connection first.
@@ -341,6 +349,8 @@ class Server(gocept.amqprun.process.LoopState):
             self.connection)
         self._send_channel = gocept.amqprun.connection.open_channel(
             self.connection)
+        self._scratch = gocept.amqprun.connection.ScratchChannel(
+            self.connection)
         if self.setup_handlers:
             self._declare_and_consume()
 
@@ -384,7 +394,9 @@ class Server(gocept.amqprun.process.LoopState):
             routing_key=info['routing_key'],
             redelivered=info.get('redelivered', False),
             exchange=info.get('exchange'))
-        message.delivery = Delivery(generation, info['delivery_tag'])
+        message.delivery = Delivery(
+            generation, info['delivery_tag'],
+            key=gocept.amqprun.message.redelivery_key(message))
         log.debug("Received message %s via routing key '%s' for '%s'",
                   info['delivery_tag'], info['routing_key'], name)
         self.tasks.put(Task(message, handler, name))
@@ -406,8 +418,9 @@ class Server(gocept.amqprun.process.LoopState):
         self._commit_due()
 
     def _commit_due(self):
-        self.commits.commit_due(self._channel, self._send_channel,
-                                blocked=self.blocked is not None)
+        self.commits.commit_due(
+            self._channel, self._send_channel, self._scratch,
+            blocked=self.blocked is not None)
 
     def _on_blocked(self, reason=None):
         """py-amqp calls it from inside a frame read: only take note."""
@@ -511,7 +524,7 @@ class Server(gocept.amqprun.process.LoopState):
     def _disconnect(self, graceful=True):
         """Forget the connection; close it (``graceful``) or drop it."""
         connection, self.connection = self.connection, None
-        self._channel = self._send_channel = None
+        self._channel = self._send_channel = self._scratch = None
         self._consumer_tags = []
         # A blocked connection may not be read by the broker: close-ok
         # would never come.

@@ -12,6 +12,7 @@ import zope.interface
 import gocept.amqprun.channelops
 import gocept.amqprun.datamanager
 import gocept.amqprun.interfaces
+import gocept.amqprun.message
 
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,13 @@ class Session:
             if self.received_message is not None else 'send')
 
     def send(self, message):
-        """Queue ``message`` for the commit of the current transaction."""
+        """Queue ``message`` for the commit of the current transaction.
+
+        A body above the server's ``max_message_size`` raises
+        ``PublishRefused`` at once; nothing is queued then.
+        """
+        gocept.amqprun.message.check_size(
+            message, self.server.max_message_size)
         self.join_transaction()
         self.messages.append(message)
 

@@ -84,3 +84,27 @@ def unsendable(message):
     if message.body.endswith(b':unsendable'):
         reply.header.headers['bad'] = {1, 2}
     return [reply]
+
+
+#: The exchange the ``:missing-exchange`` reply of :func:`refused` goes to.
+MISSING_EXCHANGE = 'faults.no-such-exchange'
+
+
+@gocept.amqprun.handler.declare('faults.refused', 'faults.refused')
+def refused(message):
+    """Replies; the broker refuses the reply of three kinds of body.
+
+    ``:missing-exchange``: it goes to an exchange that does not exist.
+    ``:too-large``: its body has 2 KiB (the tests set ``max_message_size``
+    to 1 KiB). ``:user-id``: its ``user_id`` is not the connection's user,
+    which RabbitMQ refuses by closing the channel.
+    """
+    _record(message)
+    reply = reply_to(message)
+    if message.body.endswith(b':missing-exchange'):
+        reply.exchange = MISSING_EXCHANGE
+    elif message.body.endswith(b':too-large'):
+        reply.body = b'x' * 2048
+    elif message.body.endswith(b':user-id'):
+        reply.header.user_id = 'somebody-else'
+    return [reply]

@@ -7,6 +7,7 @@ and stalled with ``faults_proxy.FaultProxy``; the broker is restarted; the
 daemon runs in-process (``main.run`` in a thread) or as a ``server``
 subprocess that gets SIGTERM or SIGKILL.
 """
+import collections
 import os
 import signal
 import socket
@@ -332,6 +333,92 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
         assert proxy.accepted == 1
     finally:
         dead.close()
+
+
+# -- 4b. a reply the broker refuses ------------------------------------------
+
+#: What the refused-reply tests configure: 8 workers, quick retries, a
+#: max_message_size the ``:too-large`` reply exceeds.
+REFUSED_OPTIONS = dict(workers=8, amqp_extra=('max_message_size 1KB',))
+POISON_KINDS = ['missing-exchange', 'too-large', 'user-id']
+
+
+@pytest.fixture
+def outcomes(daemon):
+    """body -> [IMessageHandled outcome, ...] of the daemon's messages
+    (subscribed in the registry the ``daemon`` fixture cleaned)."""
+    recorded = collections.defaultdict(list)
+
+    def record(event):
+        recorded[event.message.body].append(event.outcome)
+    zope.component.provideHandler(
+        record, (gocept.amqprun.interfaces.IMessageHandled,))
+    return recorded
+
+
+def publish_with_poison(amqp_broker, amqp_vhost, kind, count=300):
+    """``count`` numbered messages with one poison among them (at 100);
+    return (good bodies, poison body)."""
+    good = numbered(count)
+    poison = good[0].split(b':')[0] + b':' + kind.encode()
+    publish(amqp_broker, amqp_vhost, good[:100] + [poison] + good[100:],
+            'faults.refused')
+    return good, poison
+
+
+def assert_neighbours_unharmed(good, replies, outcomes):
+    """Every good message was answered once and never failed."""
+    for body in good:
+        assert len(replies.copies[body]) == 1, (body, replies.copies[body])
+        assert set(outcomes[body]) <= {
+            gocept.amqprun.interfaces.HANDLED,
+            gocept.amqprun.interfaces.RETURNED}, (body, outcomes[body])
+        assert outcomes[body][-1] == gocept.amqprun.interfaces.HANDLED
+
+
+@pytest.mark.parametrize('kind', POISON_KINDS)
+def test_refused_reply_is_dead_lettered_alone_and_its_neighbours_commit(
+        daemon, amqp_broker, amqp_vhost, replies, outcomes, kind):
+    dead = Replies(amqp_broker, amqp_vhost, 'faults.dead')
+    try:
+        main = daemon(amqp_broker, amqp_vhost, 'refused', worker_extra=(
+            'retry-delay 0.2', 'max-attempts 3',
+            'dead-letter-routing-key faults.dead'), **REFUSED_OPTIONS)
+        good, poison = publish_with_poison(amqp_broker, amqp_vhost, kind)
+        replies.wait_for(good, timeout=30)
+        dead.wait_for([poison], timeout=30)
+        replies.drain(0.3)
+        assert_neighbours_unharmed(good, replies, outcomes)
+        assert poison not in replies.copies
+        assert outcomes[poison][-1] == gocept.amqprun.interfaces.DEAD_LETTERED
+        assert outcomes[poison].count(gocept.amqprun.interfaces.RETRIED) == 2
+        [message] = dead.messages
+        headers = message.properties['application_headers']
+        assert headers['x-amqprun-attempts'] == 3
+        assert headers['x-amqprun-error'].startswith('PublishRefused: ')
+        # Caught before the broker saw it, or (user-id) one reconnect.
+        reconnects = main.server.history.generation - 1
+        assert reconnects == (1 if kind == 'user-id' else 0)
+    finally:
+        dead.close()
+
+
+@pytest.mark.parametrize('kind', POISON_KINDS)
+def test_refused_reply_without_dead_letter_never_stops_the_others(
+        daemon, amqp_broker, amqp_vhost, replies, outcomes, kind):
+    main = daemon(amqp_broker, amqp_vhost, 'refused',
+                  worker_extra=('retry-delay 0.2',), **REFUSED_OPTIONS)
+    good, poison = publish_with_poison(amqp_broker, amqp_vhost, kind)
+    replies.wait_for(good, timeout=30)
+    wait_for(lambda: len(faults_handlers.calls_for(poison)) >= 4, 10)
+    assert_neighbours_unharmed(good, replies, outcomes)
+    assert poison not in replies.copies
+    assert main.thread.is_alive() and main.server.running
+    assert main.server.history.generation - 1 == (
+        1 if kind == 'user-id' else 0)
+    after = numbered(1)
+    publish(amqp_broker, amqp_vhost, after, 'faults.refused')
+    replies.wait_for(after, timeout=10)
 
 
 # -- 5. SIGTERM under load ---------------------------------------------------

@@ -122,6 +122,39 @@ def test_refused_publish_leaves_the_file_in_new_until_the_broker_takes_it(
     amqp_client.assert_no_message()
 
 
+def test_poison_files_go_to_failed_and_the_normal_files_after_them_arrive(
+        amqp_main, amqp_client, maildir, tmp_path):
+    amqp_client.expect_message_on('test.data')
+    main = amqp_main(site_zcml(FAST_READFILES, maildir), workers=0,
+                     amqp_extra='max_message_size 1KB')
+    secret = tmp_path / 'secret'
+    secret.write_bytes(b'secret outside the Maildir')
+    poison = ['1-oversized', '3-link', '5-fifo', '7-directory']
+    (maildir / 'tmp' / poison[0]).write_bytes(b'x' * 1025)
+    os.rename(maildir / 'tmp' / poison[0], maildir / 'new' / poison[0])
+    os.symlink(secret, maildir / 'new' / poison[1])
+    os.mkfifo(maildir / 'new' / poison[2])
+    os.mkdir(maildir / 'new' / poison[3])
+    if os.geteuid() != 0:
+        # Root reads any file; test_readfiles (unit) scans as nobody.
+        poison.append('9-unreadable')
+        deliver(maildir, poison[-1], b'unreadable')
+        os.chmod(maildir / 'new' / poison[-1], 0)
+    normal = ['2-normal', '4-normal', '6-normal', '8-normal', '9z-normal']
+    for name in normal:
+        deliver(maildir, name, name.encode())
+    started = time.monotonic()
+    messages = amqp_client.wait_for_messages(len(normal), timeout=10)
+    assert time.monotonic() - started < 3  # a few poll intervals at most
+    assert sorted(m.body for m in messages) == [n.encode() for n in normal]
+    amqp_client.assert_no_message()
+    wait_for(lambda: listing(maildir / 'failed') == sorted(poison))
+    assert listing(maildir / 'cur') == normal
+    assert listing(maildir / 'new') == []
+    assert main.log.count('moved it to failed/') == len(poison)
+    assert main.thread.is_alive()
+
+
 def test_removed_new_directory_stops_the_process_with_status_1(
         amqp_main, maildir):
     main = amqp_main(site_zcml(FAST_READFILES, maildir), workers=0)

@@ -163,6 +163,15 @@ def test_publish_the_broker_refuses_is_status_1(send_in_process, config):
     assert 'no.such.exchange' in line
 
 
+def test_body_above_max_message_size_is_one_line_and_status_1(
+        send_in_process, amqp_config):
+    config = amqp_config(gocept.amqprun.testing.site_zcml(),
+                         amqp_extra='max_message_size 4')
+    result = send_in_process(config, 'test.send', input=b'12345')
+    assert result.returncode == 1
+    assert '5 bytes, above max_message_size 4' in one_line(result)
+
+
 def test_refused_credentials_are_one_line_and_status_1(
         send_in_process, amqp_config):
     config = amqp_config(gocept.amqprun.testing.site_zcml(),

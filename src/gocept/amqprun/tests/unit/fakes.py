@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 
+import amqp.exceptions
 import zope.interface
 
 import gocept.amqprun.connection
@@ -25,13 +26,18 @@ class FakeChannel:
     method name to the exception that method raises.
     """
 
-    def __init__(self, **fail):
+    def __init__(self, broker=None, **fail):
         self.calls = []
         self.fail = fail
         self.auto_decode = True
         self._consumer_tags = 0
         #: consumer tag -> callback given to basic_consume
         self.callbacks = {}
+        #: The FakeBroker that decides what is refused, or None.
+        self.broker = broker
+        #: The refusal the next tx_commit/tx_rollback raises (as a broker
+        #: closes the channel for a publish: the error comes later).
+        self._refusal = None
 
     def _record(self, name, *args, **kw):
         self.calls.append((name,) + args + tuple(sorted(kw.items())))
@@ -56,24 +62,42 @@ class FakeChannel:
                            routing_key))
         if 'basic_publish' in self.fail:
             raise self.fail['basic_publish']
+        if self.broker is not None and self._refusal is None:
+            self._refusal = self.broker.refusal(amqp_message.body, exchange)
+
+    def _raise_refusal(self):
+        refusal, self._refusal = self._refusal, None
+        if refusal is not None:
+            raise refusal
 
     def tx_select(self):
         self._record('tx_select')
 
     def tx_commit(self):
         self._record('tx_commit')
+        self._raise_refusal()
 
     def tx_rollback(self):
         self._record('tx_rollback')
+        self._raise_refusal()
+
+    def exchange_declare(self, *args, **kw):
+        """Records the call as it was made (topology declares by keyword,
+        the scratch channel checks positionally)."""
+        self._record('exchange_declare', *args, **kw)
+        exchange = args[0] if args else kw['exchange']
+        if self.broker is not None and exchange in self.broker.missing:
+            raise amqp.exceptions.NotFound(
+                "NOT_FOUND - no exchange '%s' in vhost '/'" % exchange)
+
+    def close(self):
+        self._record('close')
 
     def queue_declare(self, **kw):
         self._record('queue_declare', **kw)
 
     def queue_bind(self, **kw):
         self._record('queue_bind', **kw)
-
-    def exchange_declare(self, **kw):
-        self._record('exchange_declare', **kw)
 
     def basic_qos(self, prefetch_size, prefetch_count, a_global):
         self._record('basic_qos', prefetch_size, prefetch_count, a_global)
@@ -91,6 +115,38 @@ class FakeChannel:
     # OpChannel face
     def publish(self, message):
         self._record('publish', message)
+
+
+class FakeBroker:
+    """Decides what FakeChannels made by :meth:`channel` refuse.
+
+    ``missing`` holds the names of exchanges that do not exist (a publish
+    to one, a passive declare of one is refused with NOT_FOUND);
+    ``refused`` maps a body to the error the broker closes the channel
+    with when it is published. Stands in for the connection a
+    ``ScratchChannel`` opens channels on.
+    """
+
+    def __init__(self):
+        self.missing = set()
+        self.refused = {}
+        #: Every channel opened, in order.
+        self.channels = []
+
+    def channel(self):
+        channel = FakeChannel(broker=self)
+        self.channels.append(channel)
+        return channel
+
+    def scratch(self):
+        """A real ScratchChannel on this broker."""
+        return gocept.amqprun.connection.ScratchChannel(self)
+
+    def refusal(self, body, exchange):
+        if exchange in self.missing:
+            return amqp.exceptions.NotFound(
+                "NOT_FOUND - no exchange '%s' in vhost '/'" % exchange)
+        return self.refused.get(body)
 
 
 class FakeEncodingChannel(FakeChannel):
@@ -120,6 +176,7 @@ class FakeServer:
     running = True
     blocked = None
     node = 'localhost:5672'
+    max_message_size = gocept.amqprun.connection.DEFAULT_MAX_MESSAGE_SIZE
 
     def __init__(self, outcomes=()):
         self.channel = FakeChannel()

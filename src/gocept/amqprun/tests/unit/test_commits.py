@@ -16,9 +16,11 @@ from gocept.amqprun.connection import ConnectionHistory
 from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import CommitInDoubt
 from gocept.amqprun.interfaces import ConnectionLost
+from gocept.amqprun.interfaces import PublishRefused
 from gocept.amqprun.interfaces import RecoverableError
 from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
+from gocept.amqprun.tests.unit.fakes import FakeBroker
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 from gocept.amqprun.tests.unit.fakes import FakeEncodingChannel
 from gocept.amqprun.tests.unit.fakes import error_of
@@ -32,14 +34,17 @@ def commits():
     history = ConnectionHistory()
     history.connected()
     commits = CommitQueue(history)
-    commits.channel = FakeChannel()
-    commits.send_channel = FakeChannel()
+    commits.broker = FakeBroker()
+    commits.channel = commits.broker.channel()
+    commits.send_channel = commits.broker.channel()
+    commits.scratch = commits.broker.scratch()
     return commits
 
 
 def run_pass(commits):
     """What one pass of the I/O loop does."""
-    commits.commit_due(commits.channel, commits.send_channel)
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch)
 
 
 def delivered(tag, generation=1):
@@ -125,7 +130,8 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
     first = Commit(delivered(1), [outgoing_message()])
     second = Commit(delivered(2), [])
     with pytest.raises(BrokenPipeError):
-        commits._commit_batch(commits.channel, [first, second])
+        commits._commit_batch(commits.channel, [first, second],
+                              commits.scratch)
     assert isinstance(error_of(first), RecoverableError)
     assert isinstance(error_of(second), RecoverableError)
     assert 'tx_commit' not in commits.channel.names
@@ -134,7 +140,7 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
 def test_unpublishable_message_fails_alone_and_the_rest_commits(commits):
     good = Commit(delivered(1), [outgoing_message(b'good')])
     bad = Commit(delivered(2), [Message(dict(timestamp='yesterday'), b'')])
-    commits._commit_batch(commits.channel, [good, bad])
+    commits._commit_batch(commits.channel, [good, bad], commits.scratch)
     assert isinstance(error_of(bad), CommitFailed)
     assert error_of(good) is None
     names = commits.channel.names
@@ -150,7 +156,7 @@ def test_message_with_unencodable_header_fails_alone(commits):
     good = Commit(None, [outgoing_message(b'good')])
     bad = Commit(None, [outgoing_message(b'bad', custom=object())])
     channel = FakeEncodingChannel()
-    commits._commit_batch(channel, [bad, good])
+    commits._commit_batch(channel, [bad, good], commits.scratch)
     assert isinstance(error_of(bad), CommitFailed)
     assert error_of(good) is None
     assert channel.published == [b'good']
@@ -202,7 +208,7 @@ def test_failed_tx_commit_fails_every_op_of_the_batch(commits, error):
            Commit(delivered(2), []),
            Reject(delivered(3))]
     with pytest.raises(type(error)):
-        commits._commit_batch(channel, ops)
+        commits._commit_batch(channel, ops, commits.scratch)
     errors = [error_of(op) for op in ops]
     assert all(isinstance(e, CommitFailed) for e in errors)
     assert len({id(e) for e in errors}) == 1
@@ -282,7 +288,8 @@ def test_fail_pending_resolves_delayed_ops_and_keeps_sends(commits):
 # -- a broker that blocks publishing ------------------------------------------
 
 def blocked_pass(commits):
-    commits.commit_due(commits.channel, commits.send_channel, blocked=True)
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, blocked=True)
 
 
 def test_blocked_broker_holds_publishing_ops_and_lets_acks_through(commits):
@@ -380,3 +387,222 @@ def test_observers_learn_nothing_when_every_op_failed(commits):
     run_pass(commits)
     assert isinstance(error_of(op), CommitFailed)
     assert seen == []
+
+
+# -- refusals stay with their op ---------------------------------------------
+
+def keyed(tag, key):
+    """A delivery of the received message ``key`` (its message id)."""
+    return Delivery(1, tag, key=key)
+
+
+def test_op_to_a_missing_exchange_fails_alone_before_execution(commits):
+    commits.broker.missing.add('nowhere')
+    good = Commit(delivered(1), [outgoing_message(b'good')])
+    bad = Commit(delivered(2), [Message({}, b'bad', routing_key='r',
+                                        exchange='nowhere')])
+    commits.submit(good)
+    commits.submit(bad)
+    run_pass(commits)
+    error = error_of(bad)
+    assert isinstance(error, PublishRefused)
+    assert "exchange 'nowhere'" in str(error)
+    assert "routing key 'r'" in str(error)
+    assert "NOT_FOUND - no exchange 'nowhere'" in str(error)
+    assert error_of(good) is None
+    assert commits.channel.calls[0] == ('basic_ack', 1)
+    assert commits.channel.names == ['basic_ack', 'basic_publish',
+                                     'tx_commit']
+
+
+def test_exchanges_are_checked_once_per_connection(commits):
+    for tag in (1, 2, 3):
+        commits.submit(Commit(delivered(tag), [outgoing_message()]))
+        run_pass(commits)
+    [scratch] = commits.broker.channels[2:]
+    assert scratch.names == ['tx_select', 'exchange_declare']
+
+
+def test_missing_exchange_is_asked_about_again_after_a_while(commits):
+    commits.broker.missing.add('later')
+    message = Message({}, b'', exchange='later')
+    scratch = commits.scratch
+    with pytest.raises(PublishRefused):
+        scratch.check_exchange(message, 100)
+    with pytest.raises(PublishRefused, match='NOT_FOUND'):
+        scratch.check_exchange(message, 100.5)  # remembered
+    commits.broker.missing.clear()
+    scratch.check_exchange(message, 101)
+    declares = [call for channel in commits.broker.channels
+                for call in channel.calls if call[0] == 'exchange_declare']
+    assert len(declares) == 2
+
+
+def test_refusing_scratch_channel_is_replaced(commits):
+    commits.broker.missing.add('nowhere')
+    with pytest.raises(PublishRefused):
+        commits.scratch.check_exchange(
+            Message({}, b'', exchange='nowhere'), 0)
+    commits.scratch.check_exchange(Message({}, b''), 0)
+    first, second = commits.broker.channels[2:]
+    assert first.names[-1] == 'close'
+    assert second.names == ['tx_select', 'exchange_declare']
+
+
+def refused_batch(commits):
+    """Three ops of received messages; the broker refuses the second's
+    reply (its user_id) when the transaction is committed."""
+    commits.broker.refused[b'bad'] = amqp.exceptions.PreconditionFailed(
+        "PRECONDITION_FAILED - user_id property set to 'x' but "
+        "authenticated user was 'guest'")
+    ops = [Commit(keyed(tag, key), [outgoing_message(body)])
+           for tag, key, body in ((1, '<a>', b'a'), (2, '<bad>', b'bad'),
+                                  (3, '<c>', b'c'))]
+    for op in ops:
+        commits.submit(op)
+    return ops
+
+
+def test_refused_transaction_fails_only_the_refused_op(commits):
+    first, bad, third = refused_batch(commits)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    assert isinstance(error_of(bad), PublishRefused)
+    assert 'user_id property' in str(error_of(bad))
+    # The neighbours' deliveries died with the channel: not their fault.
+    for op in (first, third):
+        error = error_of(op)
+        assert isinstance(error, ConnectionLost)
+        assert not isinstance(error, CommitFailed)
+        assert 'because of another message' in str(error)
+
+
+def test_dry_runs_publish_nothing(commits):
+    refused_batch(commits)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    dry_runs = [call[0] for channel in commits.broker.channels[2:]
+                for call in channel.calls]
+    assert 'tx_commit' not in dry_runs
+    assert dry_runs.count('tx_rollback') == 3  # every op is tried
+
+
+def test_refused_message_is_dry_run_before_its_next_commit(commits):
+    refused_batch(commits)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    commits.history.connected()
+    channel = commits.channel = commits.broker.channel()
+    again = Commit(Delivery(2, 7, key='<bad>'), [outgoing_message(b'bad')])
+    other = Commit(Delivery(2, 8, key='<d>'), [outgoing_message(b'd')])
+    commits.submit(again)
+    commits.submit(other)
+    run_pass(commits)  # no channel closed this time
+    assert isinstance(error_of(again), PublishRefused)
+    assert error_of(other) is None
+    assert channel.calls[0] == ('basic_ack', 8)
+    assert channel.names[-1] == 'tx_commit'
+
+
+def test_suspect_that_commits_is_forgotten(commits):
+    refused_batch(commits)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    del commits.broker.refused[b'bad']
+    op = Commit(keyed(9, '<bad>'), [outgoing_message(b'bad')])
+    commits.submit(op)
+    run_pass(commits)
+    assert error_of(op) is None
+    assert list(commits._suspects) == []
+
+
+def test_suspect_stays_one_when_its_reject_commits(commits):
+    refused_batch(commits)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    commits.submit(Reject(keyed(9, '<bad>')))
+    run_pass(commits)
+    assert list(commits._suspects) == ['<bad>']
+
+
+def test_suspects_are_bounded(commits):
+    commits.suspects_kept = 2
+    for tag, key in enumerate(['<1>', '<2>', '<3>']):
+        commits._suspect(Commit(keyed(tag, key), []))
+    assert list(commits._suspects) == ['<2>', '<3>']
+
+
+def test_refused_send_fails_alone_and_the_other_sends_wait(commits):
+    commits.broker.refused[b'bad'] = amqp.exceptions.PreconditionFailed(
+        'PRECONDITION_FAILED - invalid expiration')
+    good = Commit(None, [outgoing_message(b'good')])
+    bad = Commit(None, [outgoing_message(b'bad')])
+    commits.submit(good)
+    commits.submit(bad)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    assert isinstance(error_of(bad), PublishRefused)
+    assert not resolved(good)
+    assert list(commits._ops) == [good]
+    assert commits._suspects == {}
+
+
+def test_missing_write_permission_is_a_commit_failure_not_a_poison(
+        commits):
+    commits.broker.refused[b'x'] = amqp.exceptions.AccessRefused(
+        "ACCESS_REFUSED - write access to exchange 'amq.topic' refused")
+    op = Commit(None, [outgoing_message(b'x')])
+    commits.submit(op)
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        run_pass(commits)
+    error = error_of(op)
+    assert isinstance(error, CommitFailed)
+    assert not isinstance(error, PublishRefused)
+    assert 'write access' in str(error)
+
+
+def test_connection_lost_while_looking_for_the_culprit(commits):
+    commits.broker.refused[b'bad'] = amqp.exceptions.PreconditionFailed(
+        'refused')
+    ack = Commit(delivered(1), [outgoing_message(b'bad')])
+    send = Commit(None, [outgoing_message(b'send')])
+    commits.scratch._open().fail['tx_rollback'] = ConnectionResetError()
+    with pytest.raises(ConnectionResetError):
+        commits._commit_batch(commits.channel, [ack, send], commits.scratch)
+    assert isinstance(error_of(ack), ConnectionLost)
+    assert list(commits._ops) == [send]
+
+
+def test_connection_lost_while_checking_exchanges(commits):
+    first = Commit(delivered(1), [outgoing_message(b'1')])
+    second = Commit(delivered(2), [Message({}, b'2', exchange='other')])
+    third = Commit(None, [outgoing_message(b'3')])
+    for op in (first, second, third):
+        commits.submit(op)
+    scratch = commits.scratch._open()
+    original = scratch.exchange_declare
+
+    def declare(exchange, type, passive=False):
+        if exchange == 'other':
+            raise ConnectionResetError('reset')
+        original(exchange, type, passive)
+    scratch.exchange_declare = declare
+    with pytest.raises(ConnectionResetError):
+        run_pass(commits)
+    assert isinstance(error_of(first), ConnectionLost)
+    assert isinstance(error_of(second), ConnectionLost)
+    assert list(commits._ops) == [third]
+    assert commits.channel.calls == []
+
+
+def test_consumer_timeout_is_not_taken_for_a_refused_publish(commits):
+    commits.channel.fail['tx_commit'] = amqp.exceptions.PreconditionFailed(
+        'delivery acknowledgement on channel 1 timed out. Timeout value '
+        'used: 1000 ms')
+    op = Commit(delivered(1), [outgoing_message()])
+    commits.submit(op)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    assert isinstance(error_of(op), ConnectionLost)
+    assert [channel.calls for channel in commits.broker.channels[2:]
+            if 'tx_rollback' in channel.names] == []

@@ -74,6 +74,7 @@ def test_load_gives_sections_with_defaults(write, tmp_path):
     assert server.startup_attempts == 5
     assert server.reconnect_delay == 1.0
     assert server.reconnect_max_delay == 30.0
+    assert server.max_message_size == 128 * 1024 * 1024
     worker = conf.worker
     assert worker.amount == 2
     assert worker.component_configuration == str(tmp_path / 'site.zcml')
@@ -100,6 +101,7 @@ def test_load_reads_every_key(write):
         startup_attempts 2
         reconnect_delay 0.5
         reconnect_max_delay 8
+        max_message_size 16MB
     """, worker="""
         shutdown-timeout 5
         retry-delay 0.25
@@ -117,6 +119,7 @@ def test_load_reads_every_key(write):
     assert server.ssl is True
     assert server.startup_attempts == 2
     assert (server.reconnect_delay, server.reconnect_max_delay) == (0.5, 8)
+    assert server.max_message_size == 16 * 1024 * 1024
     assert worker.shutdown_timeout == 5
     assert worker.retry_delay == 0.25
     assert worker.max_attempts == 3

@@ -101,6 +101,11 @@ def test_parameters_defaults():
     assert parameters.startup_attempts == 5
     assert parameters.reconnect_delay == 1.0
     assert parameters.reconnect_max_delay == 30.0
+    assert parameters.max_message_size == 134217728
+
+
+def test_parameters_max_message_size_none_means_no_limit():
+    assert Parameters(max_message_size=None).max_message_size == 0
 
 
 def test_parameters_bail_on_unknown_keyword_argument():

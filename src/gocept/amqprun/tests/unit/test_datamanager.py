@@ -26,6 +26,8 @@ from gocept.amqprun.tests.unit.fakes import received_message
 class LoggingServer:
     """Resolves each op at once; logs the submit in the shared ``log``."""
 
+    max_message_size = 0
+
     def __init__(self, log, error=None):
         self.log = log
         self.error = error

@@ -8,11 +8,14 @@ import pytest
 import zope.interface.verify
 
 from gocept.amqprun.interfaces import IMessage
+from gocept.amqprun.interfaces import PublishRefused
 from gocept.amqprun.message import Header
 from gocept.amqprun.message import Message
+from gocept.amqprun.message import check_size
 from gocept.amqprun.message import convert_header
 from gocept.amqprun.message import header_from_properties
 from gocept.amqprun.message import make_message_id
+from gocept.amqprun.message import redelivery_key
 from gocept.amqprun.message import unique_token
 from gocept.amqprun.tests.unit.fakes import FakeSession
 
@@ -356,3 +359,28 @@ def test_acknowledge_asks_the_session_to_ack_with_the_commit():
     message._session = session = FakeSession()
     message.acknowledge()
     assert session.acknowledged == [message]
+
+
+def test_check_size_accepts_a_body_of_the_limit():
+    check_size(Message({}, b'x' * 10), 10)
+    check_size(Message({}, None), 10)
+
+
+def test_check_size_without_limit_accepts_anything():
+    check_size(Message({}, b'x' * 10), 0)
+
+
+def test_check_size_names_size_and_limit_of_a_larger_body():
+    message = Message({'message_id': '<big@x>'}, b'x' * 11,
+                      routing_key='big')
+    with pytest.raises(PublishRefused) as info:
+        check_size(message, 10)
+    assert str(info.value) == (
+        "Cannot publish message <big@x> to exchange 'amq.topic' with "
+        "routing key 'big': its body is 11 bytes, above max_message_size 10")
+
+
+def test_redelivery_key_is_the_message_id_or_a_hash_of_the_content():
+    assert redelivery_key(Message({'message_id': '<a@b>'}, b'')) == '<a@b>'
+    assert redelivery_key(Message(Header(), b'x', routing_key='r')) == \
+        redelivery_key(Message(Header(), b'x', routing_key='r'))

@@ -3,6 +3,11 @@
 import logging
 import os
 import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 
 import pytest
@@ -19,6 +24,7 @@ from gocept.amqprun.readfiles import Maildir
 from gocept.amqprun.readfiles import MaildirReader
 from gocept.amqprun.readfiles import filename_header
 from gocept.amqprun.readfiles import register_reader
+from gocept.amqprun.testing import subprocess_environment
 from gocept.amqprun.testing import wait_for
 
 
@@ -28,6 +34,8 @@ class FakeSender:
     ``fail`` makes the commit fail, like a broker that is down. ``on_send``
     is called with each message (to meddle with the Maildir meanwhile).
     """
+
+    max_message_size = 1024
 
     def __init__(self, maildir):
         self.maildir = maildir
@@ -132,12 +140,11 @@ def test_something_in_the_way_of_the_maildir_is_an_error(tmp_path):
         MaildirReader(str(tmp_path / 'maildir'), 'test.data')
 
 
-def test_new_files_are_sorted_without_dot_files_and_directories(
-        maildir, reader):
+def test_new_files_are_sorted_without_dot_files(maildir, reader):
     for name in ['b', 'a', '.hidden', 'c']:
         deliver(maildir, name)
     os.mkdir(os.path.join(maildir, 'new', 'subdirectory'))
-    assert Maildir(maildir).new_files() == ['a', 'b', 'c']
+    assert Maildir(maildir).new_files() == ['a', 'b', 'c', 'subdirectory']
 
 
 def test_filename_header_replaces_what_is_not_utf8():
@@ -375,3 +382,227 @@ def test_sent_and_failed_files_are_notified_by_directory(
         (maildir, 'a'), (maildir, 'a')]
     assert isinstance(sent[0].error, Exception)
     assert sent[1].error is None
+
+
+# -- poison files ------------------------------------------------------------
+
+def new_path(maildir, name):
+    return os.path.join(maildir, 'new', name)
+
+
+def test_refused_file_goes_to_failed_and_the_next_is_sent_at_once(
+        maildir, reader, sender, caplog):
+    deliver(maildir, 'a-poison')
+    deliver(maildir, 'b-good', b'good')
+    original = sender.send
+
+    def send(message):
+        if message.header.headers['X-Filename'] == 'a-poison':
+            raise gocept.amqprun.interfaces.PublishRefused('refused: size')
+        original(message)
+    sender.send = send
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        assert reader.scan(sender) == 2
+    assert listing(maildir, 'failed') == ['a-poison']
+    assert listing(maildir, 'cur') == ['b-good']
+    assert listing(maildir, 'new') == []
+    [record] = caplog.records
+    assert record.levelname == 'ERROR'
+    assert 'a-poison' in record.getMessage()
+    assert 'refused: size' in record.getMessage()
+    assert 'moved it to failed/' in record.getMessage()
+
+
+def test_publish_refused_at_commit_puts_the_file_aside(
+        maildir, reader, sender):
+    deliver(maildir, 'a')
+    sender.fail = True
+    original = FakeAMQPDataManager.tpc_vote
+
+    def refuse(self, txn):
+        raise gocept.amqprun.interfaces.PublishRefused('no exchange')
+    FakeAMQPDataManager.tpc_vote = refuse
+    try:
+        assert reader.scan(sender) == 1
+    finally:
+        FakeAMQPDataManager.tpc_vote = original
+    assert listing(maildir, 'failed') == ['a']
+
+
+def test_file_above_max_message_size_is_put_aside_unread(
+        maildir, reader, sender, caplog):
+    path = new_path(maildir, 'huge')
+    with open(path, 'wb') as f:
+        f.truncate(8 * 1024 ** 3)  # sparse: reading it would take ages
+    deliver(maildir, 'small', b'x' * sender.max_message_size)
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        assert reader.scan(sender) == 2
+    assert listing(maildir, 'failed') == ['huge']
+    assert [m.body for m in sender.sent] == [b'x' * 1024]
+    assert '8589934592 bytes, above max_message_size 1024' in caplog.text
+
+
+def test_file_growing_beyond_the_limit_while_read_is_put_aside(
+        maildir, reader, sender, monkeypatch):
+    deliver(maildir, 'growing', b'x' * 2000)
+    real_fstat = os.fstat
+
+    def fstat_before_growth(fd):
+        info = real_fstat(fd)
+        return os.stat_result((info.st_mode,) + tuple(info[1:6]) + (10,)
+                              + tuple(info[7:]))
+    monkeypatch.setattr(os, 'fstat', fstat_before_growth)
+    reader.scan(sender)
+    assert listing(maildir, 'failed') == ['growing']
+
+
+def test_symbolic_link_is_never_followed(
+        maildir, reader, sender, tmp_path, caplog):
+    secret = tmp_path / 'secret'
+    secret.write_bytes(b'secret')
+    os.symlink(secret, new_path(maildir, 'link'))
+    deliver(maildir, 'next')
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        assert reader.scan(sender) == 2
+    assert [m.header.headers['X-Filename'] for m in sender.sent] == ['next']
+    assert listing(maildir, 'failed') == ['link']
+    assert os.path.islink(os.path.join(maildir, 'failed', 'link'))
+    assert 'a symbolic link' in caplog.text
+    assert secret.read_bytes() == b'secret'
+
+
+def test_dangling_symbolic_link_is_put_aside_too(maildir, reader, sender):
+    os.symlink('/nonexistent', new_path(maildir, 'dangling'))
+    reader.scan(sender)
+    assert listing(maildir, 'failed') == ['dangling']
+
+
+def test_fifo_is_put_aside_without_blocking(
+        maildir, reader, sender, caplog):
+    os.mkfifo(new_path(maildir, 'fifo'))
+    deliver(maildir, 'next')
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        assert reader.scan(sender) == 2
+    assert listing(maildir, 'failed') == ['fifo']
+    assert listing(maildir, 'cur') == ['next']
+    assert 'a FIFO' in caplog.text
+
+
+def test_directory_is_put_aside(maildir, reader, sender, caplog):
+    os.mkdir(new_path(maildir, 'directory'))
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        reader.scan(sender)
+    assert listing(maildir, 'failed') == ['directory']
+    assert 'a directory' in caplog.text
+
+
+def test_socket_is_put_aside(maildir, reader, sender, caplog):
+    import socket
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(new_path(maildir, 'socket'))
+        with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+            reader.scan(sender)
+    assert listing(maildir, 'failed') == ['socket']
+    assert 'a socket' in caplog.text
+
+
+def test_character_device_is_put_aside(maildir, reader, sender, caplog):
+    try:
+        os.mknod(new_path(maildir, 'null'), 0o600 | stat.S_IFCHR,
+                 os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip('creating a device needs root (CAP_MKNOD)')
+    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
+        reader.scan(sender)
+    assert listing(maildir, 'failed') == ['null']
+    assert 'a character device' in caplog.text
+
+
+def test_other_open_error_of_a_file_is_fatal(
+        maildir, reader, sender, monkeypatch):
+    deliver(maildir, 'a')
+
+    def fail(path, flags):
+        raise OSError(5, 'Input/output error')
+    monkeypatch.setattr(os, 'open', fail)
+    with pytest.raises(OSError, match='Input/output'):
+        reader.scan(sender)
+
+
+#: Run in a subprocess as another user (root reads any file): scans a
+#: Maildir once with a sender that takes every message. It imports as the
+#: user who started it (root's Python may live where others cannot read),
+#: then gives up root for the user id given.
+SCAN_AS_OTHER_USER = textwrap.dedent('''
+    import os
+    import sys
+    import gocept.amqprun.message
+    import gocept.amqprun.readfiles
+
+    gocept.amqprun.message.make_message_id()  # imports what it needs
+    if sys.argv[2] != 'None':
+        os.setgid(int(sys.argv[2]))
+        os.setuid(int(sys.argv[2]))
+
+    class Sender:
+        max_message_size = 1024
+
+        def send(self, message):
+            pass
+
+    reader = gocept.amqprun.readfiles.MaildirReader(sys.argv[1], 'test')
+    print(reader.scan(Sender()))
+''')
+
+#: The user who runs the scan: ``nobody`` when the tests run as root.
+OTHER_USER = 65534 if os.geteuid() == 0 else None
+
+
+def scan_as_other_user(maildir):
+    """Scan ``maildir`` once in a subprocess that is not root."""
+    return subprocess.run(
+        [sys.executable, '-c', SCAN_AS_OTHER_USER, maildir, str(OTHER_USER)],
+        env=subprocess_environment(), capture_output=True, text=True,
+        timeout=60)
+
+
+@pytest.fixture
+def shared_maildir():
+    """A Maildir the other user owns (outside root's private tmp_path)."""
+    directory = tempfile.mkdtemp(prefix='amqprun-readfiles-')
+    maildir = os.path.join(directory, 'maildir')
+    MaildirReader(maildir, 'test')
+    for path in (directory, maildir, *(
+            os.path.join(maildir, name) for name in ('tmp', 'new', 'cur'))):
+        os.chmod(path, 0o755)
+        if OTHER_USER is not None:
+            os.chown(path, OTHER_USER, OTHER_USER)
+    yield maildir
+    shutil.rmtree(directory)
+
+
+def test_unreadable_file_is_put_aside(shared_maildir):
+    maildir = shared_maildir
+    deliver(maildir, 'a-unreadable')
+    deliver(maildir, 'b-readable')
+    os.chmod(new_path(maildir, 'a-unreadable'), 0)
+    if OTHER_USER is not None:
+        for name in ('a-unreadable', 'b-readable'):
+            os.chown(new_path(maildir, name), OTHER_USER, OTHER_USER)
+    result = scan_as_other_user(maildir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '2'
+    assert 'no permission to read it' in result.stderr
+    assert listing(maildir, 'failed') == ['a-unreadable']
+    assert listing(maildir, 'cur') == ['b-readable']
+
+
+def test_unsearchable_new_directory_is_fatal(shared_maildir):
+    maildir = shared_maildir
+    deliver(maildir, 'a')
+    os.chmod(os.path.join(maildir, 'new'), 0o444)  # list, but no access
+    result = scan_as_other_user(maildir)
+    assert result.returncode == 1
+    assert 'PermissionError' in result.stderr
+    os.chmod(os.path.join(maildir, 'new'), 0o755)
+    assert listing(maildir, 'new') == ['a']

@@ -42,6 +42,7 @@ from gocept.amqprun.server import Delivery
 from gocept.amqprun.server import Server
 from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeAMQPMessage
+from gocept.amqprun.tests.unit.fakes import FakeBroker
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 from gocept.amqprun.tests.unit.fakes import FakeServer
 from gocept.amqprun.tests.unit.fakes import close_server
@@ -93,6 +94,7 @@ def server():
     server.history.connected()
     server._channel = FakeChannel()
     server._send_channel = FakeChannel()
+    server._scratch = FakeBroker().scratch()
     yield server
     close_server(server)
 
@@ -114,6 +116,7 @@ def reconnect(server):
     server.history.connected()
     server._channel = FakeChannel()
     server._send_channel = FakeChannel()
+    server._scratch = FakeBroker().scratch()
 
 
 # -- the interfaces and the any-thread API ----------------------------------

@@ -10,6 +10,7 @@ import zope.interface.verify
 from gocept.amqprun.channelops import Commit
 from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import ISession
+from gocept.amqprun.interfaces import PublishRefused
 from gocept.amqprun.message import Header
 from gocept.amqprun.message import Message
 from gocept.amqprun.session import Session
@@ -45,6 +46,16 @@ def test_send_queues_messages(server):
     session.send(first)
     session.send(second)
     assert session.messages == [first, second]
+
+
+def test_send_refuses_a_body_above_max_message_size_at_once(server):
+    server.max_message_size = 4
+    session = Session(server)
+    with pytest.raises(PublishRefused, match='5 bytes, above max_message_'
+                                             'size 4'):
+        session.send(outgoing_message(b'12345'))
+    session.send(outgoing_message(b'1234'))
+    assert [m.body for m in session.messages] == [b'1234']
 
 
 def test_send_joins_transaction_on_first_send(server):
