@@ -12,7 +12,7 @@ def read(*names):
         return f.read()
 
 
-TESTING = ['pytest', 'pytest-timeout']
+TESTING = ['cryptography', 'pytest', 'pytest-timeout']
 
 setup(
     name='gocept.amqprun',
