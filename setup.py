@@ -12,7 +12,7 @@ def read(*names):
         return f.read()
 
 
-TESTING = ['pytest', 'pytest-timeout']
+TESTING = ['cryptography', 'pytest', 'pytest-timeout']
 # ``patch = subprocess`` (see .coveragerc) needs coverage 7.10.
 TEST = TESTING + ['coverage >= 7.10', 'zope.security', 'zc.buildout',
                   'zope.testrunner', 'prometheus_client']

@@ -17,8 +17,16 @@ did, and importing it needs no pytest:
 
 :mod:`~gocept.amqprun.testing.broker`
     The broker of a test run: :class:`Broker`, :func:`get_broker`,
-    :func:`stop_broker`, and :class:`RabbitMQNode`, a private loopback
-    RabbitMQ node.
+    :func:`stop_broker`; :class:`RabbitMQNode`, a private loopback
+    RabbitMQ node (optionally with a TLS listener); :class:`Cluster`,
+    several such nodes joined into one cluster.
+:mod:`~gocept.amqprun.testing.certificates`
+    :class:`Certificates`: a test CA, a server certificate for
+    ``localhost``, a client certificate and an unrelated CA, made at test
+    time (needs ``cryptography``, part of the ``testing`` extra).
+:mod:`~gocept.amqprun.testing.processes`
+    How the harness starts its child processes and stops them by pid;
+    :class:`~gocept.amqprun.testing.processes.Epmd`.
 :mod:`~gocept.amqprun.testing.client`
     The other side of the daemon: :class:`Client` (send, expect, wait),
     :class:`QueueProbe`, :func:`wait_for`, :func:`wait_until_settled`.
@@ -31,12 +39,16 @@ did, and importing it needs no pytest:
     The pytest plugin (entry point ``gocept.amqprun.testing.pytest``):
     ``amqp_broker``, ``amqp_vhost``, ``amqp_parameters``, ``amqp_client``,
     ``clean_registry``, ``amqp_config``, ``amqp_main``,
-    ``amqp_server_process``.
+    ``amqp_server_process``; ``amqp_cluster``, ``amqp_certificates``,
+    ``amqp_tls_broker``, ``amqp_mtls_broker``.
 :mod:`~gocept.amqprun.testing.layers`
     unittest and zope.testrunner: :class:`BrokerLayer`,
     :class:`QueueTestCase`, :class:`MainTestCase`.
 """
+import importlib
+
 from gocept.amqprun.testing.broker import Broker
+from gocept.amqprun.testing.broker import Cluster
 from gocept.amqprun.testing.broker import RabbitMQNode
 from gocept.amqprun.testing.broker import get_broker
 from gocept.amqprun.testing.broker import stop_broker
@@ -65,7 +77,7 @@ from gocept.amqprun.testing.layers import QueueTestCase
 
 __all__ = [
     'BROKER_LAYER', 'Broker', 'BrokerLayer', 'CONFIG_TEMPLATE', 'Client',
-    'LoggingState', 'MainTestCase', 'MainThread', 'QUEUE_LAYER',
+    'Cluster', 'LoggingState', 'MainTestCase', 'MainThread', 'QUEUE_LAYER',
     'QueueProbe', 'QueueTestCase', 'RabbitMQNode', 'ServerProcess',
     'get_broker', 'handler_queues', 'log_path_of', 'make_config',
     'reset_registry', 'script', 'site_zcml', 'stop_broker',
@@ -77,18 +89,24 @@ __all__ = [
 #: (``pytest_plugins = ['gocept.amqprun.testing']``, as before the split).
 pytest_plugins = ['gocept.amqprun.testing.pytest']
 
-#: The fixtures, importable from here as before; looked up on first use
-#: (see :func:`__getattr__`) so that importing the package needs no pytest.
-FIXTURES = (
-    'amqp_broker', 'amqp_vhost', 'amqp_parameters', 'amqp_client',
-    'clean_registry', 'amqp_config', 'amqp_main', 'amqp_server_process',
-)
+#: Names importable from here that need an optional package, by module:
+#: looked up on first use (see :func:`__getattr__`), so that importing the
+#: package needs neither pytest nor cryptography.
+LAZY = {
+    'gocept.amqprun.testing.pytest': (
+        'amqp_broker', 'amqp_vhost', 'amqp_parameters', 'amqp_client',
+        'clean_registry', 'amqp_config', 'amqp_main', 'amqp_server_process',
+        'amqp_cluster', 'amqp_certificates', 'amqp_tls_broker',
+        'amqp_mtls_broker'),
+    'gocept.amqprun.testing.certificates': ('Certificates',),
+}
 
 
 def __getattr__(name):
-    """Give the fixtures of the pytest plugin (PEP 562), importing pytest
-    only then."""
-    if name in FIXTURES:
-        import gocept.amqprun.testing.pytest
-        return getattr(gocept.amqprun.testing.pytest, name)
+    """Give the fixtures and :class:`Certificates` (PEP 562), importing
+    their module only then."""
+    for module_name, names in LAZY.items():
+        if name in names:
+            module = importlib.import_module(module_name)
+            return getattr(module, name)
     raise AttributeError('module %r has no attribute %r' % (__name__, name))

@@ -1,4 +1,4 @@
-"""The broker of a test run: a private RabbitMQ node or one of your own.
+"""The broker of a test run: private RabbitMQ nodes or a broker of your own.
 
 Runs on: the test's thread (a test session, a layer, the quick start
 script); it starts and stops child processes and runs ``rabbitmqctl``, but
@@ -6,11 +6,18 @@ never speaks AMQP itself.
 
 :class:`RabbitMQNode` runs Debian's ``rabbitmq-server`` as a child process
 whose every file (database, logs, cookie, configuration) lives in one
-directory and whose every port (AMQP, Erlang distribution, epmd) is bound
-to 127.0.0.1. The system broker, ``/etc/rabbitmq`` and ``/var/lib/rabbitmq``
-are neither used nor touched, and no process is ever stopped by name. The
-package must be installed beforehand (``apt-get install rabbitmq-server``;
-``./dev.sh`` does it); this module never installs anything.
+directory and whose every port (AMQP, TLS, Erlang distribution, epmd) is
+bound to 127.0.0.1. The system broker, ``/etc/rabbitmq`` and
+``/var/lib/rabbitmq`` are neither used nor touched, and no process is ever
+stopped by name. The package must be installed beforehand (``apt-get
+install rabbitmq-server``; ``./dev.sh`` does it); this module never
+installs anything. Given
+:class:`~gocept.amqprun.testing.certificates.Certificates`, a node also
+listens for TLS.
+
+:class:`Cluster` starts several such nodes at once, sharing one epmd and
+one Erlang cookie, and joins them into one cluster (quorum queues work on
+it); single nodes can be killed and started again.
 
 :class:`Broker` is what tests use: connection settings plus virtual host
 administration, for the broker named by ``AMQP_*`` variables or for a
@@ -18,15 +25,14 @@ private node. :func:`get_broker` gives the one broker of a test run and
 :func:`stop_broker` stops it.
 """
 import atexit
-import glob
 import itertools
+import json
 import logging
 import os
 import secrets
 import shlex
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import tempfile
@@ -34,6 +40,8 @@ import time
 import uuid
 
 import gocept.amqprun.connection
+from gocept.amqprun.testing import processes
+from gocept.amqprun.testing.processes import Epmd
 
 
 log = logging.getLogger(__name__)
@@ -41,18 +49,14 @@ log = logging.getLogger(__name__)
 RABBITMQ_BIN = '/usr/lib/rabbitmq/bin'
 RABBITMQ_SERVER = os.path.join(RABBITMQ_BIN, 'rabbitmq-server')
 RABBITMQCTL = os.path.join(RABBITMQ_BIN, 'rabbitmqctl')
-EPMD = 'epmd'
 
 #: Keeps the Erlang distribution on loopback (it listens on every interface
 #: otherwise) and forbids Erlang to start an ``epmd -daemon`` of its own,
 #: which would outlive the node; we run our own epmd as a child instead.
 ERL_ARGS = '-kernel inet_dist_use_interface {127,0,0,1} -start_epmd false'
 
-STOP_TIMEOUT = 20
-POLL_INTERVAL = 0.1
-LOG_TAIL_LINES = 40
-
 _node_numbers = itertools.count(1)
+_cluster_numbers = itertools.count(1)
 
 
 def require_rabbitmq_server():
@@ -64,6 +68,23 @@ def require_rabbitmq_server():
             'apt-get install rabbitmq-server' % RABBITMQ_SERVER)
 
 
+def new_cookie():
+    """Return a fresh random Erlang cookie."""
+    return ''.join(secrets.choice(string.ascii_uppercase) for _ in range(20))
+
+
+def fresh_vhost_name():
+    """Return a new, unique virtual host name."""
+    return 'test.%s' % uuid.uuid4().hex[:12]
+
+
+def add_vhost(ctl, name, username):
+    """Create virtual host `name` with `ctl` (a ``rabbitmqctl`` runner such
+    as :meth:`RabbitMQNode.ctl`) and give `username` all rights on it."""
+    ctl('add_vhost', name)
+    ctl('set_permissions', '-p', name, username, '.*', '.*', '.*')
+
+
 class RabbitMQNode:
     """One private RabbitMQ node: start it, administer it, stop it.
 
@@ -72,23 +93,46 @@ class RabbitMQNode:
     :meth:`stop`. `config_lines` are appended to the node's
     ``rabbitmq.conf`` (for example ``'consumer_timeout = 5000'``).
 
-    Not thread-safe: start, administer and stop the node from one thread.
-    Usable as a context manager (start on enter, stop on exit).
+    With `certificates` (a
+    :class:`~gocept.amqprun.testing.certificates.Certificates`) the node
+    also listens for TLS on :attr:`ssl_port`, presenting ``cert_file`` and
+    verifying client certificates against ``ca_file`` (``verify_peer``);
+    with `fail_if_no_peer_cert` it refuses clients without one.
+
+    A :class:`Cluster` passes `nodename`, `epmd` (shared; otherwise the
+    node runs its own) and `cookie` (the same for all; otherwise random).
+
+    Name, ports and files are chosen on the first :meth:`start` and kept:
+    a node killed, or stopped unless its directory was a temporary one,
+    comes back as the same node, with its data. Not thread-safe: start,
+    administer and stop the node from one thread. Usable as a context
+    manager (start on enter, stop on exit).
     """
 
-    hostname = '127.0.0.1'
+    hostname = processes.HOSTNAME
     username = 'guest'
     password = 'guest'
 
-    def __init__(self, directory=None, config_lines=()):
+    def __init__(self, directory=None, config_lines=(), certificates=None,
+                 fail_if_no_peer_cert=False, nodename=None, epmd=None,
+                 cookie=None):
         self.directory = directory
         self.config_lines = tuple(config_lines)
+        #: The TLS files, or None for a node without a TLS listener.
+        self.certificates = certificates
+        self.fail_if_no_peer_cert = fail_if_no_peer_cert
+        self.nodename = nodename
         self.port = None
-        self.nodename = None
+        #: The TLS port (None without `certificates`).
+        self.ssl_port = None
+        self._requested_nodename = nodename
+        self._cookie = cookie
+        self._epmd = epmd
+        self._owns_epmd = epmd is None
         self._owns_directory = False
         self._env = None
-        self._epmd = None
         self._server = None
+        self._began = None
 
     def __enter__(self):
         self.start()
@@ -112,7 +156,7 @@ class RabbitMQNode:
 
     @property
     def epmd_pid(self):
-        """Process id of the node's own epmd (None when not running)."""
+        """Process id of the node's epmd (None when not running)."""
         return self._epmd.pid if self._epmd is not None else None
 
     @property
@@ -122,50 +166,92 @@ class RabbitMQNode:
             return None
         return self._env['RABBITMQ_LOGS']
 
-    def start(self, timeout=90):
-        """Start epmd and the node; return once the node accepts AMQP.
+    def start(self, timeout=90, wait=True):
+        """Start the node (and its own epmd); return once it accepts AMQP.
+
+        With `wait` false, return right after starting the server
+        process; :meth:`wait_until_started` waits for the rest (a
+        :class:`Cluster` boots its nodes side by side that way).
 
         Raises :class:`RuntimeError` carrying the tail of the node's log
         when a process dies early or the node is not up within `timeout`
         seconds; whatever was started is stopped before that. The node is
         stopped at interpreter exit at the latest.
         """
-        if self._epmd is not None or self._server is not None:
+        if self._server is not None:
             raise RuntimeError('RabbitMQ node %s is already running'
                                % self.nodename)
         require_rabbitmq_server()
         atexit.register(self.stop)
-        began = time.monotonic()
+        self._began = time.monotonic()
         try:
-            self._prepare()
-            self._start_epmd(began + timeout)
-            self._start_server(began + timeout)
+            if self._env is None:
+                self._prepare()
+            if self._owns_epmd and self._epmd.pid is None:
+                self._epmd.start(self._began + timeout)
+            self._server = processes.spawn(
+                [RABBITMQ_SERVER], self.directory, 'stdout.log', self._env)
+        except BaseException:
+            self.stop()
+            raise
+        if wait:
+            self.wait_until_started(timeout)
+
+    def wait_until_started(self, timeout=90):
+        """Wait until a node started with ``wait=False`` has fully booted.
+
+        The AMQP port opens near the end of the boot, long after the node
+        registered with epmd; ``rabbitmqctl await_startup`` (which exits
+        69 at once for a node not yet registered) then confirms that the
+        node itself considers the boot finished. Raises and stops the
+        node as :meth:`start` does.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            processes.wait_until_listening(
+                self.port, self._processes(), deadline,
+                'the AMQP port %d of %s' % (self.port, self.nodename),
+                self.directory)
+            remaining = max(1, int(deadline - time.monotonic()))
+            self.ctl('await_startup', '--timeout', str(remaining),
+                     timeout=remaining + 10)
         except BaseException:
             self.stop()
             raise
         log.info('RabbitMQ node %s listens on %s:%d (started in %.1f s)',
                  self.nodename, self.hostname, self.port,
-                 time.monotonic() - began)
+                 time.monotonic() - self._began)
 
     def stop(self):
-        """Stop the node, then epmd, and remove a temporary directory.
+        """Stop the node and its own epmd; remove a temporary directory.
 
         Each process gets SIGTERM and up to 20 seconds, then SIGKILL;
         whatever is left in its process group is killed. Calling it again
         (or on a node never started) does nothing.
         """
         atexit.unregister(self.stop)
-        if self._server is not None:
-            log.info('Stopping RabbitMQ node %s', self.nodename)
-            _terminate(self._server, 'rabbitmq-server')
-            self._server = None
-        if self._epmd is not None:
-            _terminate(self._epmd, 'epmd')
-            self._epmd = None
+        _stop_servers([self])
+        if self._owns_epmd and self._epmd is not None:
+            self._epmd.stop()
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
+            self.directory = self._env = self.nodename = None
+            self.port = self.ssl_port = None
             self._owns_directory = False
+
+    def kill(self):
+        """SIGKILL the node's Erlang VM, as ``kill -9`` would.
+
+        No clean shutdown: the node's peers see it vanish. Its files stay,
+        so :meth:`start` brings the same node back (into its cluster).
+        """
+        if self._server is None:
+            raise RuntimeError('RabbitMQ node is not running')
+        log.info('Killing RabbitMQ node %s', self.nodename)
+        processes.send_signal(self._vm_pid(), signal.SIGKILL)
+        # rabbitmq-server waits for the VM and exits when it is gone.
+        processes.wait_for_exit(self._server, processes.STOP_TIMEOUT)
+        _stop_servers([self])
 
     def restart(self, timeout=90):
         """Stop the node's server and start it again, as a broker restart.
@@ -178,14 +264,8 @@ class RabbitMQNode:
         if self._server is None:
             raise RuntimeError('RabbitMQ node is not running')
         log.info('Restarting RabbitMQ node %s', self.nodename)
-        _terminate(self._server, 'rabbitmq-server')
-        self._server = None
-        began = time.monotonic()
-        try:
-            self._start_server(began + timeout)
-        except BaseException:
-            self.stop()
-            raise
+        _stop_servers([self])
+        self.start(timeout)
 
     def ctl(self, *args, timeout=60):
         """Run ``rabbitmqctl`` with `args` against this node; return stdout.
@@ -212,13 +292,32 @@ class RabbitMQNode:
 
     def add_vhost(self, name):
         """Create virtual host `name` and give the guest user all rights."""
-        self.ctl('add_vhost', name)
-        self.ctl('set_permissions', '-p', name, self.username,
-                 '.*', '.*', '.*')
+        add_vhost(self.ctl, name, self.username)
 
     def delete_vhost(self, name):
         """Delete virtual host `name` with all its queues and exchanges."""
         self.ctl('delete_vhost', name)
+
+    def _processes(self):
+        """(Popen, name) of the node's running processes, for progress."""
+        running = [(self._server, 'rabbitmq-server')]
+        if self._owns_epmd:
+            running.append((self._epmd.process, 'epmd'))
+        return [(process, name) for process, name in running
+                if process is not None]
+
+    def _vm_pid(self):
+        """The pid of the node's Erlang VM, from the node's pid file.
+
+        Checked to be in the server's process group, so that a stale file
+        can never make us signal a process that is not ours.
+        """
+        with open(self._env['RABBITMQ_PID_FILE']) as f:
+            pid = int(f.read().split()[0])
+        if os.getpgid(pid) != self._server.pid:
+            raise RuntimeError('pid %d is not a process of node %s'
+                               % (pid, self.nodename))
+        return pid
 
     def _prepare(self):
         """Choose directory, name and ports; write the node's files."""
@@ -226,10 +325,14 @@ class RabbitMQNode:
             self.directory = tempfile.mkdtemp(prefix='amqprun-rabbitmq-')
             self._owns_directory = True
         self.directory = os.path.abspath(self.directory)
-        self.nodename = 'amqprun-%d-%d@localhost' % (
-            os.getpid(), next(_node_numbers))
-        self.port, dist_port, epmd_port = _free_ports(3)
-        self._env = self._environment(dist_port, epmd_port)
+        self.nodename = self._requested_nodename or (
+            'amqprun-%d-%d@localhost' % (os.getpid(), next(_node_numbers)))
+        if self._owns_epmd:
+            self._epmd = Epmd(self.directory)
+        self.port, dist_port, self.ssl_port = processes.free_ports(3)
+        if self.certificates is None:
+            self.ssl_port = None
+        self._env = self._environment(dist_port)
         for name in ('conf.d', 'log', 'mnesia'):
             os.makedirs(os.path.join(self.directory, name), exist_ok=True)
         _write(self._env['RABBITMQ_CONF_ENV_FILE'], '')
@@ -237,16 +340,14 @@ class RabbitMQNode:
         _write(self._env['RABBITMQ_CONFIG_FILE'], self._config())
         self._write_cookie()
 
-    def _environment(self, dist_port, epmd_port):
+    def _environment(self, dist_port):
         """Return the environment for the node and for ``rabbitmqctl``.
 
         Everything inherited that configures RabbitMQ or Erlang is dropped,
         so the node ignores the system broker's settings.
         """
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(('RABBITMQ_', 'ERL_'))}
         path = self.directory
-        env.update(
+        return processes.clean_environment(
             HOME=path,
             RABBITMQ_NODENAME=self.nodename,
             RABBITMQ_NODE_IP_ADDRESS=self.hostname,
@@ -257,7 +358,7 @@ class RabbitMQNode:
             RABBITMQ_CTL_DIST_PORT_MIN='0',
             RABBITMQ_CTL_DIST_PORT_MAX='0',
             ERL_EPMD_ADDRESS=self.hostname,
-            ERL_EPMD_PORT=str(epmd_port),
+            ERL_EPMD_PORT=str(self._epmd.port),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=ERL_ARGS,
             RABBITMQ_CTL_ERL_ARGS=ERL_ARGS,
             RABBITMQ_CONF_ENV_FILE=os.path.join(path, 'rabbitmq-env.conf'),
@@ -273,7 +374,6 @@ class RabbitMQNode:
             RABBITMQ_LOGS=os.path.join(path, 'log', 'rabbit.log'),
             RABBITMQ_PID_FILE=os.path.join(path, 'rabbitmq.pid'),
         )
-        return env
 
     def _config(self):
         """Return the text of the node's ``rabbitmq.conf``."""
@@ -282,8 +382,26 @@ class RabbitMQNode:
             'loopback_users.%s = true' % self.username,
             'log.console = false',
         ]
+        lines.extend(self._tls_config())
         lines.extend(self.config_lines)
         return '\n'.join(lines) + '\n'
+
+    def _tls_config(self):
+        """Return the ``rabbitmq.conf`` lines of the TLS listener, if any.
+
+        Only settings that RabbitMQ 3.x and 4.x both know.
+        """
+        if self.certificates is None:
+            return []
+        return [
+            'listeners.ssl.default = %s:%d' % (self.hostname, self.ssl_port),
+            'ssl_options.cacertfile = %s' % self.certificates.ca_file,
+            'ssl_options.certfile = %s' % self.certificates.cert_file,
+            'ssl_options.keyfile = %s' % self.certificates.key_file,
+            'ssl_options.verify = verify_peer',
+            'ssl_options.fail_if_no_peer_cert = %s'
+            % str(self.fail_if_no_peer_cert).lower(),
+        ]
 
     def _write_cookie(self):
         """Write the Erlang cookie the node and ``rabbitmqctl`` share.
@@ -294,147 +412,163 @@ class RabbitMQNode:
         path = os.path.join(self.directory, '.erlang.cookie')
         if os.path.exists(path):
             return
-        cookie = ''.join(secrets.choice(string.ascii_uppercase)
-                         for _ in range(20))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
         with os.fdopen(fd, 'w') as f:
-            f.write(cookie)
+            f.write(self._cookie or new_cookie())
 
-    def _start_epmd(self, deadline):
-        """Start our own epmd and wait until it listens."""
-        port = int(self._env['ERL_EPMD_PORT'])
-        self._epmd = self._spawn(
-            [EPMD, '-address', self.hostname, '-port', str(port)],
-            'epmd.log')
-        while not _accepts_connections(self.hostname, port):
-            self._check_progress(deadline, 'epmd on port %d' % port)
-            time.sleep(POLL_INTERVAL)
 
-    def _start_server(self, deadline):
-        """Start rabbitmq-server and wait until it has fully booted.
+def _stop_servers(nodes):
+    """Stop the server processes of `nodes`, side by side.
 
-        The AMQP port opens near the end of the boot, long after the node
-        registered with epmd; ``rabbitmqctl await_startup`` (which exits
-        69 at once for a node not yet registered) then confirms that the
-        node itself considers the boot finished.
+    All get SIGTERM first, so stopping a cluster takes as long as its
+    slowest node, not the sum.
+    """
+    running = [node for node in nodes if node._server is not None]
+    for node in running:
+        if not processes.has_exited(node._server):  # not killed
+            log.info('Stopping RabbitMQ node %s', node.nodename)
+    processes.terminate([(node._server, 'rabbitmq-server %s' % node.nodename)
+                         for node in running])
+    for node in running:
+        node._server = None
+
+
+class Cluster:
+    """Private loopback RabbitMQ nodes joined into one cluster.
+
+    Start it with :meth:`Cluster.start`. Node ``i`` (from 1) is
+    ``<prefix>-i@localhost`` with its own ports and ``node-i`` directory;
+    all share one epmd and one Erlang cookie. Not thread-safe, like its
+    nodes; usable as a context manager (stop on exit).
+    """
+
+    hostname = processes.HOSTNAME
+    username = RabbitMQNode.username
+    password = RabbitMQNode.password
+
+    def __init__(self, size=3, directory=None, prefix=None, config_lines=()):
+        self.size = size
+        self.directory = directory
+        self.prefix = prefix or 'amqprun-%d-c%d' % (
+            os.getpid(), next(_cluster_numbers))
+        self.config_lines = tuple(config_lines)
+        #: The :class:`RabbitMQNode` objects, node 1 first.
+        self.nodes = []
+        #: Seconds :meth:`start` took (boot and join), for the curious.
+        self.startup_time = None
+        self._epmd = None
+        self._owns_directory = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @classmethod
+    def start(cls, size=3, timeout=120, **kw):
+        """Start `size` nodes side by side, join them; return the cluster.
+
+        Nodes 2 to `size` join node 1 (``stop_app``, ``join_cluster``,
+        ``start_app``). Takes the keywords of the constructor. Raises
+        RuntimeError (with the failing node's log) when a node does not
+        come up or does not join within `timeout` seconds; everything
+        started is stopped before that.
         """
-        self._server = self._spawn([RABBITMQ_SERVER], 'stdout.log')
-        while not _accepts_connections(self.hostname, self.port):
-            self._check_progress(deadline, 'the AMQP port %d' % self.port)
-            time.sleep(POLL_INTERVAL)
+        cluster = cls(size, **kw)
+        began = time.monotonic()
+        atexit.register(cluster.stop)
         try:
-            remaining = max(1, int(deadline - time.monotonic()))
-            self.ctl('await_startup', '--timeout', str(remaining),
-                     timeout=remaining + 10)
-        except RuntimeError as e:  # pragma: no cover (the port is open)
-            raise self._failure(str(e))
+            cluster._boot(began + timeout)
+            cluster._join()
+        except BaseException:
+            cluster.stop()
+            raise
+        cluster.startup_time = time.monotonic() - began
+        log.info('RabbitMQ cluster %s of %d nodes up in %.1f s',
+                 cluster.prefix, size, cluster.startup_time)
+        return cluster
 
-    def _spawn(self, command, output_name):
-        """Start `command` in its own session, output to a log file.
+    def stop(self):
+        """Stop all nodes side by side, then epmd; remove a temporary
+        directory. Calling it again does nothing."""
+        atexit.unregister(self.stop)
+        _stop_servers(self.nodes)
+        for node in self.nodes:
+            node.stop()
+        if self._epmd is not None:
+            self._epmd.stop()
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+            self._owns_directory = False
 
-        Its own session (and so process group) keeps a Ctrl-C in the
-        terminal away from it and lets :meth:`stop` kill its children.
+    def hostname_list(self, separator=' '):
+        """``127.0.0.1:port`` of every node, joined by `separator`.
+
+        The ``hostname`` setting of a daemon that may use any node.
         """
-        output_path = os.path.join(self.directory, 'log', output_name)
-        with open(output_path, 'ab') as output:
-            process = subprocess.Popen(
-                command, env=self._env, cwd=self.directory,
-                stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        log.debug('Started %s as pid %d', command[0], process.pid)
-        return process
+        return separator.join('%s:%d' % (node.hostname, node.port)
+                              for node in self.nodes)
 
-    def _check_progress(self, deadline, waiting_for):
-        """Raise RuntimeError if a child died or `deadline` has passed."""
-        for process, name in ((self._epmd, 'epmd'),
-                              (self._server, 'rabbitmq-server')):
-            if process is not None and _has_exited(process):
-                raise self._failure(
-                    '%s (pid %d) exited early while waiting for %s'
-                    % (name, process.pid, waiting_for))
-        if time.monotonic() > deadline:
-            raise self._failure('RabbitMQ node %s: timed out waiting for %s'
-                                % (self.nodename, waiting_for))
+    def ctl(self, *args, timeout=60):
+        """Run ``rabbitmqctl`` with `args` against a running node (the
+        first one); see :meth:`RabbitMQNode.ctl`."""
+        running = [node for node in self.nodes if node.is_running]
+        if not running:
+            raise RuntimeError('No node of cluster %s is running'
+                               % self.prefix)
+        return running[0].ctl(*args, timeout=timeout)
 
-    def _failure(self, reason):
-        """Return a RuntimeError with `reason` and the tail of the logs."""
-        return RuntimeError('%s\n%s' % (reason, self._log_tail()))
+    def running_nodes(self):
+        """The names of the nodes the cluster considers running now."""
+        status = json.loads(self.ctl('cluster_status', '--formatter', 'json'))
+        return sorted(status['running_nodes'])
 
-    def _log_tail(self):
-        """Return the last lines of each log file in the node's directory."""
-        parts = []
-        for path in sorted(glob.glob(
-                os.path.join(self.directory, 'log', '*.log'))):
-            with open(path, errors='replace') as f:
-                lines = f.readlines()[-LOG_TAIL_LINES:]
-            parts.append('--- %s ---\n%s' % (path, ''.join(lines)))
-        return ''.join(parts) or '(no log written)'
+    def create_vhost(self):
+        """Return a fresh virtual host (the guest user may do anything)."""
+        name = fresh_vhost_name()
+        add_vhost(self.ctl, name, self.username)
+        return name
 
+    def delete_vhost(self, name):
+        """Delete virtual host `name` with all its queues and exchanges."""
+        self.ctl('delete_vhost', name)
 
-def _free_ports(count):
-    """Return `count` distinct TCP ports free on loopback right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(('127.0.0.1', 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    def config_mapping(self, virtual_host):
+        """The ``amqp_*`` substitutions of
+        :func:`~gocept.amqprun.testing.daemon.make_config`, with every node
+        in ``amqp_hostname``."""
+        broker = Broker(self.hostname_list(), self.nodes[0].port,
+                        self.username, self.password)
+        return broker.config_mapping(virtual_host)
 
+    def _boot(self, deadline):
+        """Make directory, epmd and nodes; boot all nodes side by side."""
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix='amqprun-cluster-')
+            self._owns_directory = True
+        self._epmd = Epmd(self.directory)
+        self._epmd.start(deadline)
+        cookie = new_cookie()
+        for number in range(1, self.size + 1):
+            self.nodes.append(RabbitMQNode(
+                os.path.join(self.directory, 'node-%d' % number),
+                self.config_lines,
+                nodename='%s-%d@localhost' % (self.prefix, number),
+                epmd=self._epmd, cookie=cookie))
+        for node in self.nodes:
+            node.start(deadline - time.monotonic(), wait=False)
+        for node in self.nodes:
+            node.wait_until_started(deadline - time.monotonic())
 
-def _accepts_connections(host, port):
-    """Whether a TCP connection to `host`:`port` succeeds right now."""
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _has_exited(process):
-    """Whether `process` has exited, without reaping it.
-
-    Not reaping keeps the pid (and so the process group id) reserved for
-    us until :func:`_terminate` has signalled the group.
-    """
-    try:
-        info = os.waitid(os.P_PID, process.pid,
-                         os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:  # pragma: no cover (SIGCHLD is ignored)
-        return True  # the kernel reaped it already
-    return info is not None
-
-
-def _terminate(process, name):
-    """SIGTERM `process`, SIGKILL it after a grace period, reap it.
-
-    Afterwards SIGKILL goes to its whole process group (its id is the
-    pid, as the process leads its own session), which removes any child
-    left behind, such as Erlang's port programs.
-    """
-    if not _has_exited(process):
-        _signal(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while not _has_exited(process) and time.monotonic() < deadline:
-            time.sleep(POLL_INTERVAL)
-        if not _has_exited(process):
-            log.warning('%s (pid %d) ignored SIGTERM for %s s, killing it',
-                        name, process.pid, STOP_TIMEOUT)
-    _signal(-process.pid, signal.SIGKILL)
-    process.wait()
-    log.debug('%s (pid %d) exited with %s', name, process.pid,
-              process.returncode)
-
-
-def _signal(pid, signum):
-    """Send `signum` to `pid` (a group when negative); ignore ESRCH."""
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:  # pragma: no cover (see _has_exited)
-        pass
+    def _join(self):
+        """Join nodes 2 and up to node 1, one after the other."""
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.ctl('stop_app')
+            node.ctl('join_cluster', first.nodename)
+            node.ctl('start_app')
 
 
 def _write(path, text):
@@ -444,7 +578,12 @@ def _write(path, text):
 
 
 class Broker:
-    """Connection settings of a broker plus virtual host administration."""
+    """Connection settings of a broker plus virtual host administration.
+
+    ``node`` is the ``RabbitMQNode`` of a private broker (None for one of
+    your own); a node with certificates gives ``ssl_port`` and
+    ``certificates``.
+    """
 
     def __init__(self, hostname, port, username, password,
                  virtual_host=None, node=None):
@@ -469,11 +608,25 @@ class Broker:
 
     @classmethod
     def start_private_node(cls, **kw):
-        """Start a private loopback RabbitMQ node (stop it with stop())."""
+        """Start a private loopback RabbitMQ node (stop it with stop()).
+
+        Takes the keywords of :class:`RabbitMQNode`.
+        """
         node = RabbitMQNode(**kw)
         node.start()
         return cls(node.hostname, node.port, node.username, node.password,
                    node=node)
+
+    @property
+    def ssl_port(self):
+        """The TLS port of a private node with certificates, else None."""
+        return self.node.ssl_port if self.node is not None else None
+
+    @property
+    def certificates(self):
+        """The :class:`~gocept.amqprun.testing.certificates.Certificates`
+        of a private TLS node, else None."""
+        return self.node.certificates if self.node is not None else None
 
     def stop(self):
         """Stop the private node, if this broker is one."""
@@ -484,10 +637,8 @@ class Broker:
         """Return a fresh virtual host (or the fixed one)."""
         if self.virtual_host:
             return self.virtual_host
-        name = 'test.%s' % uuid.uuid4().hex[:12]
-        self.ctl('add_vhost', name)
-        self.ctl('set_permissions', '-p', name, self.username,
-                 '.*', '.*', '.*')
+        name = fresh_vhost_name()
+        add_vhost(self.ctl, name, self.username)
         return name
 
     def delete_vhost(self, name):

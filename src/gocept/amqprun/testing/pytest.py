@@ -18,9 +18,20 @@ Fixtures: ``amqp_broker`` (the run's :class:`Broker`, session scope),
 real ``main()`` in a thread, a :class:`MainThread`) and
 ``amqp_server_process`` (the ``server`` script in a subprocess, a
 :class:`ServerProcess`).
+
+Brokers of other shapes, private nodes started on first use and shared by
+the session (also when ``AMQP_HOSTNAME`` names a broker: they need our
+processes and certificates): ``amqp_cluster`` (a three-node
+:class:`Cluster`), ``amqp_certificates`` (a test CA with server and client
+certificates), ``amqp_tls_broker`` (a :class:`Broker` with a TLS listener
+on ``ssl_port`` that verifies client certificates when given) and
+``amqp_mtls_broker`` (the same, but a client certificate is required).
+The marker ``cluster`` is registered for tests that use the cluster.
 """
 import pytest
 
+from gocept.amqprun.testing.broker import Broker
+from gocept.amqprun.testing.broker import Cluster
 from gocept.amqprun.testing.broker import get_broker
 from gocept.amqprun.testing.broker import stop_broker
 from gocept.amqprun.testing.client import Client
@@ -132,3 +143,54 @@ def amqp_server_process(amqp_broker, amqp_vhost, amqp_config):
                 process.stop(30)
             finally:
                 process.kill()
+
+
+def pytest_configure(config):
+    """Register the ``cluster`` marker."""
+    config.addinivalue_line(
+        'markers', 'cluster: the test uses the amqp_cluster fixture (a '
+        'three-node RabbitMQ cluster, started once per session)')
+
+
+@pytest.fixture(scope='session')
+def amqp_cluster():
+    """A :class:`Cluster` of three private nodes for the whole session.
+
+    Tests may kill and start its nodes but must leave all of them running.
+    """
+    cluster = Cluster.start(size=3)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope='session')
+def amqp_certificates(tmp_path_factory):
+    """:class:`~gocept.amqprun.testing.certificates.Certificates` made for
+    the session: ``ca_file``, ``cert_file``, ``key_file``,
+    ``client_cert_file``, ``client_key_file``, ``other_ca_file``."""
+    # Imported here: only these fixtures need the cryptography package.
+    from gocept.amqprun.testing.certificates import Certificates
+    return Certificates.create(str(tmp_path_factory.mktemp('amqprun-tls')))
+
+
+@pytest.fixture(scope='session')
+def amqp_tls_broker(amqp_certificates):
+    """A :class:`Broker`: a private node with a TLS listener too.
+
+    ``ssl_port`` presents a certificate for ``localhost`` signed by
+    ``amqp_certificates.ca_file`` and verifies a client certificate if the
+    client presents one; ``port`` is plain AMQP as usual.
+    """
+    broker = Broker.start_private_node(certificates=amqp_certificates)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope='session')
+def amqp_mtls_broker(amqp_certificates):
+    """Like ``amqp_tls_broker``, but TLS clients must present a
+    certificate signed by the CA (``fail_if_no_peer_cert``)."""
+    broker = Broker.start_private_node(certificates=amqp_certificates,
+                                       fail_if_no_peer_cert=True)
+    yield broker
+    broker.stop()
