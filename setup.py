@@ -13,6 +13,8 @@ def read(*names):
 
 
 TESTING = ['pytest', 'pytest-timeout']
+#: The ZODB helpers of gocept.amqprun.testing.database.
+DATABASE = ['ZODB']
 
 setup(
     name='gocept.amqprun',
@@ -56,7 +58,10 @@ setup(
         'writefiles': [],
         'readfiles': [],
         'testing': TESTING,
-        'test': TESTING + ['zope.security', 'zc.buildout', 'zope.testrunner'],
+        'database': DATABASE,
+        'test': TESTING + DATABASE + [
+            'zope.security', 'zc.buildout', 'zope.testrunner',
+            'zope.sqlalchemy', 'SQLAlchemy', 'psycopg2-binary'],
     },
     entry_points={
         'console_scripts': [

@@ -10,7 +10,10 @@ Runs on: a worker thread. Two-phase commit mapped onto AMQP:
     Submit the op to the I/O thread and wait: it acks, publishes and
     ``tx.commit``\\ s. A broker error here is a "no" vote. ``sortKey`` sorts
     last, so every other resource (databases, files) has voted yes first.
-    Once the broker committed, the received message is settled.
+    Once the broker committed, the received message is settled. A commit
+    of a received message whose outcome is unknown (``CommitInDoubt``) is
+    a "yes" vote with a WARNING: the other resources keep their writes,
+    and the broker redelivers the message unless it committed.
 ``tpc_finish``
     Forget the op. Never raises.
 ``tpc_abort``
@@ -34,10 +37,13 @@ _IN_DOUBT = object()
 
 
 def commit_in_doubt(txn):
-    """True when ``txn``'s AMQP commit failed with an unknown outcome.
+    """True when ``txn``'s AMQP commit ended with an unknown outcome.
 
-    For resources that vote before the broker: in ``tpc_abort`` they learn
-    whether the broker may have committed after all (keep what you wrote).
+    For resources that vote before the broker. After the commit of a
+    received message it is true in their ``tpc_finish`` (the transaction
+    commits; the broker may hand the message out again). After a pure
+    send it is true in their ``tpc_abort`` (the vote failed, but the
+    broker may have published: keep what you wrote).
     """
     try:
         return txn.data(_IN_DOUBT)
@@ -85,12 +91,29 @@ class AMQPDataManager:
         self.session.server.submit(self._op)
         try:
             self._op.wait(COMMIT_TIMEOUT)
-        except gocept.amqprun.interfaces.CommitInDoubt:
+        except gocept.amqprun.interfaces.CommitInDoubt as e:
             txn.set_data(_IN_DOUBT, True)
-            raise
+            if self._op.delivery is None:
+                raise  # a pure send: nothing would come back
+            self._keep_writes(e)
+            return
         # Settled now: the broker has the ack, whatever happens to the
         # other resources' tpc_finish (which runs before ours).
         self.session.committed()
+
+    def _keep_writes(self, error):
+        """Vote yes although the broker's outcome is unknown.
+
+        Failing the vote would roll back the databases although the broker
+        may have acked the message: a lost write that no handler could
+        repair. Voting yes makes the worst case a redelivery.
+        """
+        message = self.session.received_message
+        self.session.in_doubt = True
+        log.warning('Message %s (%s): %s; its transaction commits anyway '
+                    '(databases keep their writes) and the broker '
+                    'redelivers it flagged redelivered unless it committed',
+                    message.header.message_id, message.routing_key, error)
 
     def tpc_finish(self, txn):
         """Forget the committed op."""

@@ -352,6 +352,13 @@ def test_worker_section_sets_the_retry_policy(configured):
     assert pool.policy.dead_letter_exchange == 'dlx'
 
 
+def test_worker_section_sets_the_transient_retries(configured):
+    conf, pool, server = configured()
+    assert pool.transient_retries == 3
+    conf, pool, server = configured(worker='transient-retries 0')
+    assert pool.transient_retries == 0
+
+
 def test_amqp_server_section_sets_the_parameters(configured):
     conf, pool, server = configured(amqp="""
         port 1234
