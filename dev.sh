@@ -5,7 +5,8 @@
 #   ./dev.sh test [ARGS]     run the whole test suite (ARGS go to pytest)
 #   ./dev.sh bench [ARGS]    run the throughput benchmark
 #
-# Installs what is missing first: Debian's rabbitmq-server (as root) and a
+# Installs what is missing first: Debian's rabbitmq-server and postgresql
+# (as root; the tests start private servers of both on loopback) and a
 # virtualenv in .venv with gocept.amqprun and its test dependencies.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +24,7 @@ need_root_for() {
 install_system_packages() {
     local missing=()
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then
         need_root_for "${missing[*]}"
@@ -63,7 +65,7 @@ case "$command" in
         PATH="$PWD/$VENV/bin:$PATH" exec "$VENV/bin/python" bench/throughput.py "$@"
         ;;
     *)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -61,7 +61,7 @@ setup(
         'database': DATABASE,
         'test': TESTING + DATABASE + [
             'zope.security', 'zc.buildout', 'zope.testrunner',
-            'zope.sqlalchemy', 'SQLAlchemy', 'psycopg2-binary'],
+            'zope.sqlalchemy', 'SQLAlchemy', 'psycopg[binary]'],
     },
     entry_points={
         'console_scripts': [

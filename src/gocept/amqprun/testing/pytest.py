@@ -18,12 +18,27 @@ Fixtures: ``amqp_broker`` (the run's :class:`Broker`, session scope),
 real ``main()`` in a thread, a :class:`MainThread`) and
 ``amqp_server_process`` (the ``server`` script in a subprocess, a
 :class:`ServerProcess`).
+
+Databases (:mod:`gocept.amqprun.testing.database`): ``zodb_path`` (the
+path of a fresh FileStorage in ``tmp_path``), ``zodb`` (a ``ZODB.DB`` on
+it, closed after the test), ``postgresql_server`` (the run's private
+:class:`PostgreSQLServer`, session scope, started only when a test asks
+for it) and ``postgresql_url`` (a fresh database on it, dropped after the
+test, or ``AMQPRUN_TEST_POSTGRESQL_URL``).
 """
+import os
+
 import pytest
 
 from gocept.amqprun.testing.broker import get_broker
 from gocept.amqprun.testing.broker import stop_broker
 from gocept.amqprun.testing.client import Client
+from gocept.amqprun.testing.database import filestorage_path
+from gocept.amqprun.testing.database import get_postgresql_server
+from gocept.amqprun.testing.database import open_zodb
+from gocept.amqprun.testing.database import postgresql_database
+from gocept.amqprun.testing.database import URL_VARIABLE
+from gocept.amqprun.testing.database import stop_postgresql_server
 from gocept.amqprun.testing.daemon import MainThread
 from gocept.amqprun.testing.daemon import ServerProcess
 from gocept.amqprun.testing.daemon import log_path_of
@@ -132,3 +147,37 @@ def amqp_server_process(amqp_broker, amqp_vhost, amqp_config):
                 process.stop(30)
             finally:
                 process.kill()
+
+
+@pytest.fixture
+def zodb_path(tmp_path):
+    """The path of a fresh ZODB FileStorage in the test's ``tmp_path``."""
+    return filestorage_path(str(tmp_path))
+
+
+@pytest.fixture
+def zodb(zodb_path):
+    """A ``ZODB.DB`` on a fresh FileStorage; closed after the test."""
+    db = open_zodb(zodb_path)
+    yield db
+    db.close()
+
+
+@pytest.fixture(scope='session')
+def postgresql_server():
+    """The run's private :class:`PostgreSQLServer` (stopped at the end),
+    or None when ``AMQPRUN_TEST_POSTGRESQL_URL`` names a database."""
+    if os.environ.get(URL_VARIABLE):
+        yield None
+        return
+    yield get_postgresql_server()
+    stop_postgresql_server()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server):
+    """The URL of a fresh PostgreSQL database, dropped after the test
+    (or ``AMQPRUN_TEST_POSTGRESQL_URL``, shared by every test)."""
+    url, cleanup = postgresql_database()
+    yield url
+    cleanup()
