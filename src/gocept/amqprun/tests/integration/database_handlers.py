@@ -31,6 +31,8 @@ REPLY_KEY = 'db.reply'
 
 #: What the subscribers opened; tests look at it while the daemon runs.
 state = {}
+#: The body of every handler call, at its start.
+calls = []
 #: (name, error) of every handler call that raised.
 failures = []
 _local = threading.local()
@@ -102,8 +104,9 @@ def fail_if_asked(message):
 
 
 def recording(function):
-    """Remember what the handler raised (the test counts it)."""
+    """Remember each call and what it raised (the tests count them)."""
     def handler(message):
+        calls.append(message.body)
         try:
             return function(message)
         except Exception as e:

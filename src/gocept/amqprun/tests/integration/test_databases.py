@@ -27,6 +27,7 @@ STORES = ['zodb', 'sql-one-phase', 'sql-two-phase']
 @pytest.fixture(autouse=True)
 def forget_failures():
     del database_handlers.failures[:]
+    del database_handlers.calls[:]
     yield
     database_handlers.state.clear()
 
@@ -236,7 +237,7 @@ def test_database_closed_on_workers_stopped_fails_no_running_handler(
     main = start(amqp_main, store, 'db.sleep 0.5', workers=4)
     bodies = numbered(8)
     publish(amqp_broker, amqp_vhost, bodies, store.routing_key)
-    wait_for(lambda: main.server.tasks.unfinished_tasks >= 4, timeout=10)
+    wait_for(lambda: len(set(database_handlers.calls)) >= 4, timeout=10)
     assert main.stop() == 0  # while four handlers sleep in their write
     replies.drain(0.5)
     assert database_handlers.failures == []
