@@ -1,5 +1,8 @@
 """Orders counted per customer in ZODB; the new total goes into the reply.
 
+Runs on: the daemon's worker threads (the handler) and its main thread
+(the subscribers).
+
 The recipe of the Databases chapter, complete:
 
 * the ``DB`` is opened once, on ``IConfigFinished`` (before any handler
