@@ -6,7 +6,8 @@
 #   ./dev.sh docs            build the documentation (docs/_build/html)
 #   ./dev.sh bench [ARGS]    run the throughput benchmark
 #
-# Installs what is missing first: Debian's rabbitmq-server (as root) and a
+# Installs what is missing first: Debian's rabbitmq-server and postgresql
+# (as root; the tests start private servers of both on loopback) and a
 # virtualenv in .venv with gocept.amqprun and its test dependencies.
 #
 # Coverage: `./dev.sh test` without ARGS (what .ci/run calls) measures line
@@ -32,6 +33,7 @@ need_root_for() {
 install_system_packages() {
     local missing=()
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then
         need_root_for "${missing[*]}"

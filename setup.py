@@ -15,7 +15,10 @@ def read(*names):
 TESTING = ['cryptography', 'pytest', 'pytest-timeout']
 # ``patch = subprocess`` (see .coveragerc) needs coverage 7.10.
 TEST = TESTING + ['coverage >= 7.10', 'zope.security', 'zc.buildout',
-                  'zope.testrunner', 'prometheus_client']
+                  'zope.testrunner', 'prometheus_client', 'ZODB',
+                  'zope.sqlalchemy', 'SQLAlchemy', 'psycopg[binary]']
+#: The ZODB helpers of gocept.amqprun.testing.database.
+DATABASE = ['ZODB']
 DOCS = ['Sphinx', 'repoze.sphinx.autointerface']
 
 setup(
@@ -61,6 +64,7 @@ setup(
         'readfiles': [],
         'metrics': ['prometheus_client'],
         'testing': TESTING,
+        'database': DATABASE,
         'test': TEST,
         'docs': DOCS,
     },

@@ -10,7 +10,10 @@ Runs on: a worker thread. Two-phase commit mapped onto AMQP:
     Submit the op to the I/O thread and wait: it acks, publishes and
     ``tx.commit``\\ s. A broker error here is a "no" vote. ``sortKey`` sorts
     last, so every other resource (databases, files) has voted yes first.
-    Once the broker committed, the received message is settled. A send
+    Once the broker committed, the received message is settled. A commit
+    of a received message whose outcome is unknown (``CommitInDoubt``) is
+    a "yes" vote with a WARNING: the other resources keep their writes,
+    and the broker redelivers the message unless it committed. A send
     outside a handler notifies ``ISendFinished`` with its outcome.
 ``tpc_finish``
     Forget the op. Never raises.
@@ -36,10 +39,13 @@ _IN_DOUBT = object()
 
 
 def commit_in_doubt(txn):
-    """True when ``txn``'s AMQP commit failed with an unknown outcome.
+    """True when ``txn``'s AMQP commit ended with an unknown outcome.
 
-    For resources that vote before the broker: in ``tpc_abort`` they learn
-    whether the broker may have committed after all (keep what you wrote).
+    For resources that vote before the broker. After the commit of a
+    received message it is true in their ``tpc_finish`` (the transaction
+    commits; the broker may hand the message out again). After a pure
+    send it is true in their ``tpc_abort`` (the vote failed, but the
+    broker may have published: keep what you wrote).
     """
     try:
         return txn.data(_IN_DOUBT)
@@ -87,9 +93,14 @@ class AMQPDataManager:
         self.session.server.submit(self._op)
         try:
             self._op.wait(COMMIT_TIMEOUT)
+        except gocept.amqprun.interfaces.CommitInDoubt as e:
+            txn.set_data(_IN_DOUBT, True)
+            if self._op.delivery is None:
+                self._send_finished(e)
+                raise  # a pure send: nothing would come back
+            self._keep_writes(e)
+            return
         except Exception as e:
-            if isinstance(e, gocept.amqprun.interfaces.CommitInDoubt):
-                txn.set_data(_IN_DOUBT, True)
             self._send_finished(e)
             raise
         self._send_finished()
@@ -103,6 +114,20 @@ class AMQPDataManager:
             gocept.amqprun.process.notify(
                 gocept.amqprun.interfaces.SendFinished(
                     len(self._op.messages), error))
+
+    def _keep_writes(self, error):
+        """Vote yes although the broker's outcome is unknown.
+
+        Failing the vote would roll back the databases although the broker
+        may have acked the message: a lost write that no handler could
+        repair. Voting yes makes the worst case a redelivery.
+        """
+        message = self.session.received_message
+        self.session.in_doubt = True
+        log.warning('Message %s (%s): %s; its transaction commits anyway '
+                    '(databases keep their writes) and the broker '
+                    'redelivers it flagged redelivered unless it committed',
+                    message.header.message_id, message.routing_key, error)
 
     def tpc_finish(self, txn):
         """Forget the committed op."""

@@ -81,8 +81,9 @@ class ErrorHandlingHandler:
     (and maybe ``exchange`` and ``binding_arguments``, as for
     :class:`Handler`) and implement ``run()``, calling ``send(content,
     routing_key)`` for results. When ``run()`` raises (anything but
-    ``error_reraise``), the handler's side effects are aborted, the received
-    message is acknowledged and one error message
+    ``error_reraise`` or a transient error, which the worker retries), the
+    handler's side effects are aborted, the received message is
+    acknowledged and one error message
     (``"<ExcClass>: <text>\\n<traceback>"``), correlated with it, goes to
     ``error_routing_key`` instead.
 
@@ -125,6 +126,8 @@ class ErrorHandlingHandler:
         except self.error_reraise or ():
             raise
         except Exception as e:
+            if transaction.get().isRetryableError(e):
+                raise  # a conflict: the worker tries again at once
             self.error = e
             transaction.abort()
             self.message.acknowledge()

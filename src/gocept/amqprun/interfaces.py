@@ -266,7 +266,9 @@ RETRIED = 'retried'
 DEAD_LETTERED = 'dead-lettered'
 ERROR_HANDLED = 'error-handled'
 RETURNED = 'returned'
-OUTCOMES = (HANDLED, RETRIED, DEAD_LETTERED, ERROR_HANDLED, RETURNED)
+IN_DOUBT = 'in-doubt'
+OUTCOMES = (HANDLED, RETRIED, DEAD_LETTERED, ERROR_HANDLED, RETURNED,
+            IN_DOUBT)
 
 
 class IMessageHandled(zope.interface.Interface):
@@ -290,8 +292,11 @@ class IMessageHandled(zope.interface.Interface):
         'the last time, sent to the dead-letter destination), '
         '``error-handled`` (the handler reported its error as a message and '
         'the received message was acknowledged: IResponse, '
-        'ErrorHandlingHandler) or ``returned`` (not the handler\'s fault: '
-        'the connection was lost, the broker redelivers it).')
+        'ErrorHandlingHandler), ``returned`` (not the handler\'s fault: '
+        'the connection was lost, the broker redelivers it) or '
+        '``in-doubt`` (the connection was lost during the AMQP commit: '
+        'the other resources committed; the broker redelivers the message, '
+        'flagged redelivered, unless it committed too; see CommitInDoubt).')
     duration = zope.interface.Attribute(
         'Seconds from the start of the handling to its end (float).')
     error = zope.interface.Attribute(
@@ -577,6 +582,10 @@ class ISession(zope.interface.Interface):
     error_handled = zope.interface.Attribute(
         'True when the handler reported its error as a message instead of '
         'failing (IResponse, ErrorHandlingHandler).')
+    in_doubt = zope.interface.Attribute(
+        'True when the AMQP commit of the received message ended with an '
+        'unknown outcome (CommitInDoubt) and the transaction committed '
+        'anyway; the message is then not given back by the worker.')
 
     def send(message):
         """Queue ``message`` and join the current transaction."""
@@ -736,10 +745,21 @@ class PublishRefused(CommitFailed):
 class CommitInDoubt(ConnectionLost, CommitFailed):
     """The connection was lost while the AMQP transaction was committed.
 
-    Whether the broker committed it is unknown: the worker's transaction
-    aborts (a "no" vote), and nothing is retried by us. If the broker did
-    commit, the message stays acknowledged and its messages are published;
-    otherwise the broker redelivers it.
+    Whether the broker committed it is unknown. For the commit of a
+    received message the data manager does not fail its vote: the
+    resources that voted before it (databases, files) commit, a WARNING
+    names the message, and the worker neither rejects it nor counts an
+    attempt (outcome ``in-doubt``). If the broker did commit, the message
+    stays acknowledged and its messages are published; otherwise the
+    broker redelivers it flagged ``redelivered`` and the handler runs
+    again on top of its own committed writes (see the idempotency recipe
+    in the Databases chapter). At least once, never a lost write.
+
+    For a pure send (``ISender`` outside a handler) nothing would come
+    back, so the vote fails with this error and the caller's transaction
+    aborts: send again to be sure, at the price of a possible duplicate.
+    Either way ``gocept.amqprun.datamanager.commit_in_doubt(txn)`` is True
+    afterwards, in ``tpc_finish`` or ``tpc_abort`` of the other resources.
     """
 
 

@@ -126,7 +126,9 @@ def configure(conf):
         max_attempts=conf.worker.max_attempts,
         dead_letter_routing_key=conf.worker.dead_letter_routing_key,
         dead_letter_exchange=conf.worker.dead_letter_exchange)
-    pool = gocept.amqprun.worker.WorkerPool(server, amount, policy)
+    pool = gocept.amqprun.worker.WorkerPool(
+        server, amount, policy,
+        transient_retries=conf.worker.transient_retries)
     zope.event.notify(gocept.amqprun.interfaces.ConfigFinished())
     return pool, server
 

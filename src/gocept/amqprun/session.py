@@ -31,6 +31,9 @@ class Session:
         #: True when the handler reported its error as a message instead
         #: (IResponse, ErrorHandlingHandler).
         self.error_handled = False
+        #: True when the AMQP commit's outcome is unknown (CommitInDoubt)
+        #: and the transaction committed anyway.
+        self.in_doubt = False
         self._joined = False
         if received_message is not None:
             received_message._session = self

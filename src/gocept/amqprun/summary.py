@@ -45,9 +45,10 @@ class MessageTally:
             gocept.amqprun.interfaces.DEAD_LETTERED,
             gocept.amqprun.interfaces.RETURNED))
         return ('handled %d, failed %d (retried %d, dead-lettered %d, '
-                'returned %d), error-handled %d' % (
+                'returned %d), error-handled %d, in-doubt %d' % (
                     counts.get(gocept.amqprun.interfaces.HANDLED, 0), failed,
                     counts.get(gocept.amqprun.interfaces.RETRIED, 0),
                     counts.get(gocept.amqprun.interfaces.DEAD_LETTERED, 0),
                     counts.get(gocept.amqprun.interfaces.RETURNED, 0),
-                    counts.get(gocept.amqprun.interfaces.ERROR_HANDLED, 0)))
+                    counts.get(gocept.amqprun.interfaces.ERROR_HANDLED, 0),
+                    counts.get(gocept.amqprun.interfaces.IN_DOUBT, 0)))

@@ -3,9 +3,12 @@
 Runs on: the worker threads. A worker takes a task from the server's queue,
 begins a transaction, joins the session's data manager and calls the
 handler. The commit is carried out by the I/O thread (see
-``datamanager``); the worker only waits for its outcome. A message whose
-transaction did not commit goes back to the broker after the retry delay,
-or to the dead-letter destination once it used up its attempts.
+``datamanager``); the worker only waits for its outcome. A transient error
+(one the transaction manager calls retryable, e.g. a ZODB
+``ConflictError``) is retried at once in a fresh transaction, up to
+``transient_retries`` times. A message whose transaction did not commit
+goes back to the broker after the retry delay, or to the dead-letter
+destination once it used up its attempts.
 """
 import logging
 import threading
@@ -69,24 +72,26 @@ class Worker(threading.Thread):
         message, handler = task.message, task.handler
         if self._used_up(message, handler):
             return gocept.amqprun.interfaces.DEAD_LETTERED, None
-        session = gocept.amqprun.session.Session(self.server, message)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Processing message %s %s (%s) with '%s'; body %r",
                       message.delivery_tag, message.header.message_id,
                       message.routing_key, task.handler_name,
                       (message.body or b'')[:BODY_PREVIEW])
         started = time.monotonic()
-        error = None
-        try:
-            with self.server.handling(session), \
-                    gocept.amqprun.security.interaction(handler.principal):
-                error = self._run_transaction(session, message, handler)
-        except Exception as e:  # e.g. a resource whose abort fails
-            log.error('Unhandled exception, prevent thread from crashing',
-                      exc_info=True)
-            error = e
+        retries = self.pool.transient_retries
+        while True:
+            session = gocept.amqprun.session.Session(self.server, message)
+            error, transient = self._attempt(
+                session, message, handler, retries)
+            if not transient or not retries:
+                break
+            retries -= 1
+        if session.in_doubt:
+            # Neither reject nor count: the delivery's channel is gone and
+            # the broker redelivers the message unless it committed.
+            return gocept.amqprun.interfaces.IN_DOUBT, None
         if not session.settled:
-            return self._give_back(message, handler, error), error
+            return self._give_back(message, handler, error, transient), error
         self.pool.failures.forget(message)
         log.info("Handled message %s (%s) with '%s' in %.3f s",
                  message.header.message_id, message.routing_key,
@@ -116,8 +121,25 @@ class Worker(threading.Thread):
     def _policy(self, handler):
         return getattr(handler, 'retry_policy', None) or self.pool.policy
 
-    def _run_transaction(self, session, message, handler):
-        """Run the handler and commit; return the error or None."""
+    def _attempt(self, session, message, handler, retries):
+        """Handle ``message`` once in ``session``; return (error,
+        transient)."""
+        try:
+            with self.server.handling(session), \
+                    gocept.amqprun.security.interaction(handler.principal):
+                return self._run_transaction(
+                    session, message, handler, retries)
+        except Exception as e:  # e.g. a resource whose abort fails
+            log.error('Unhandled exception, prevent thread from crashing',
+                      exc_info=True)
+            return e, False
+
+    def _run_transaction(self, session, message, handler, retries):
+        """Run the handler and commit; return (error or None, transient).
+
+        ``transient`` is True for an error the transaction manager calls
+        retryable; with ``retries`` left it is logged at INFO only.
+        """
         response = None
         try:
             transaction.begin()
@@ -133,23 +155,33 @@ class Worker(threading.Thread):
                 session.send(outgoing_message)
             transaction.commit()
         except Exception as e:
-            if not isinstance(e, gocept.amqprun.interfaces.ConnectionLost):
+            # Asked before the abort: the resources of the failed
+            # transaction decide (zope.sqlalchemy's should_retry).
+            transient = transaction.get().isRetryableError(e)
+            lost = isinstance(e, gocept.amqprun.interfaces.ConnectionLost)
+            if transient and retries:
+                log.info('Transient error while processing message %s '
+                         '(%s), trying again at once (%d more time(s) at '
+                         'most): %s: %s', message.delivery_tag,
+                         message.header.message_id, retries,
+                         type(e).__name__, e)
+            elif not lost and not transient:
                 log.error('Error while processing message %s (%s)',
                           message.delivery_tag, message.header.message_id,
                           exc_info=True)
-            # else: not the handler's fault, _give_back logs a warning
+            # else: not the handler's fault (or a conflict that kept
+            # coming back), _give_back logs a warning
             transaction.abort()
             if (gocept.amqprun.interfaces.IResponse.providedBy(response)
-                    and not isinstance(
-                        e, gocept.amqprun.interfaces.ConnectionLost)):
+                    and not transient and not lost):
                 # (After a lost connection the delivery cannot be acked;
                 # the broker hands the message out again, to be handled
-                # afresh.)
+                # afresh. A transient error is tried again first.)
                 self._report_commit_error(session, message, response)
-            return e
+            return e, transient
         # ErrorHandlingHandler turned an error into a message itself.
         session.error_handled = getattr(response, 'error', None) is not None
-        return None
+        return None, False
 
     def _report_commit_error(self, session, message, response):
         """IResponse: ack the message with the response's error messages."""
@@ -165,11 +197,21 @@ class Worker(threading.Thread):
         else:
             session.error_handled = True
 
-    def _give_back(self, message, handler, error):
+    def _give_back(self, message, handler, error, transient=False):
         """Requeue the message after the delay, or dead-letter it; return
         the outcome."""
         policy = self._policy(handler)
         error_text = '%s: %s' % (type(error).__name__, error)
+        if transient:
+            # Conflicts say nothing about the message: never dead-letter
+            # it for them.
+            log.warning('Message %s (%s) kept failing with transient '
+                        'errors (%s); returning it to the broker in %.1f s, '
+                        'not counted as a failed attempt',
+                        message.header.message_id, message.routing_key,
+                        error_text, policy.delay)
+            self._requeue(message, policy)
+            return gocept.amqprun.interfaces.RETRIED
         if isinstance(error, gocept.amqprun.interfaces.AckTimedOut):
             # The handler took longer than the broker allows: that is an
             # attempt, or a handler that always does would loop forever.
@@ -222,10 +264,12 @@ class Worker(threading.Thread):
 class WorkerPool:
     """``amount`` worker threads sharing the server's task queue."""
 
-    def __init__(self, server, amount, policy=None):
+    def __init__(self, server, amount, policy=None, transient_retries=3):
         self.server = server
         self.amount = amount
         self.policy = policy or gocept.amqprun.retry.RetryPolicy()
+        #: How often a transient error is retried at once, in the worker.
+        self.transient_retries = transient_retries
         self.failures = gocept.amqprun.retry.FailureCounter()
         self.stopping = threading.Event()
         self.workers = []

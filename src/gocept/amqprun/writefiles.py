@@ -200,9 +200,11 @@ class FileDataManager:
         Remove what this manager wrote (temporary files, and the files it
         renamed into place when a later vote, e.g. the AMQP commit, failed:
         the message comes back, so no orphaned pair is left). Except when
-        the AMQP commit failed with ``CommitInDoubt``: the message may be
-        acked, so the files stay. Never raise; they log what they could
-        not remove.
+        the AMQP commit of a pure send failed with ``CommitInDoubt``: the
+        message may be published, so the files stay. (For a received
+        message an AMQP commit in doubt does not abort: the transaction
+        commits and the files stay anyway.) Never raise; they log what
+        they could not remove.
     ``tpc_begin``, ``commit``
         Nothing.
     ``tpc_vote``

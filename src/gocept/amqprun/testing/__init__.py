@@ -35,12 +35,19 @@ did, and importing it needs no pytest:
     :func:`write_config`, :class:`MainThread` (``main()`` in a thread),
     :class:`ServerProcess` (the ``server`` script), :class:`LoggingState`,
     :func:`reset_registry`.
+:mod:`~gocept.amqprun.testing.database`
+    Databases in the message's transaction: :class:`PostgreSQLServer` (a
+    private loopback PostgreSQL), :func:`get_postgresql_server`,
+    :func:`stop_postgresql_server`, :func:`postgresql_database`,
+    :class:`PostgreSQLLayer`; :func:`filestorage_path`, :func:`open_zodb`,
+    :class:`ZODBLayer` (a fresh ZODB FileStorage).
 :mod:`~gocept.amqprun.testing.pytest`
     The pytest plugin (entry point ``gocept.amqprun.testing.pytest``):
     ``amqp_broker``, ``amqp_vhost``, ``amqp_parameters``, ``amqp_client``,
     ``clean_registry``, ``amqp_config``, ``amqp_main``,
     ``amqp_server_process``; ``amqp_cluster``, ``amqp_certificates``,
-    ``amqp_tls_broker``, ``amqp_mtls_broker``.
+    ``amqp_tls_broker``, ``amqp_mtls_broker``; ``zodb_path``, ``zodb``,
+    ``postgresql_server``, ``postgresql_url``.
 :mod:`~gocept.amqprun.testing.layers`
     unittest and zope.testrunner: :class:`BrokerLayer`,
     :class:`QueueTestCase`, :class:`MainTestCase`.
@@ -56,6 +63,14 @@ from gocept.amqprun.testing.client import Client
 from gocept.amqprun.testing.client import QueueProbe
 from gocept.amqprun.testing.client import wait_for
 from gocept.amqprun.testing.client import wait_until_settled
+from gocept.amqprun.testing.database import PostgreSQLLayer
+from gocept.amqprun.testing.database import PostgreSQLServer
+from gocept.amqprun.testing.database import ZODBLayer
+from gocept.amqprun.testing.database import filestorage_path
+from gocept.amqprun.testing.database import get_postgresql_server
+from gocept.amqprun.testing.database import open_zodb
+from gocept.amqprun.testing.database import postgresql_database
+from gocept.amqprun.testing.database import stop_postgresql_server
 from gocept.amqprun.testing.daemon import CONFIG_TEMPLATE
 from gocept.amqprun.testing.daemon import LoggingState
 from gocept.amqprun.testing.daemon import MainThread
@@ -77,10 +92,13 @@ from gocept.amqprun.testing.layers import QueueTestCase
 
 __all__ = [
     'BROKER_LAYER', 'Broker', 'BrokerLayer', 'CONFIG_TEMPLATE', 'Client',
-    'Cluster', 'LoggingState', 'MainTestCase', 'MainThread', 'QUEUE_LAYER',
-    'QueueProbe', 'QueueTestCase', 'RabbitMQNode', 'ServerProcess',
-    'get_broker', 'handler_queues', 'log_path_of', 'make_config',
-    'reset_registry', 'script', 'site_zcml', 'stop_broker',
+    'Cluster', 'LoggingState', 'MainTestCase', 'MainThread',
+    'PostgreSQLLayer', 'PostgreSQLServer', 'QUEUE_LAYER', 'QueueProbe',
+    'QueueTestCase', 'RabbitMQNode', 'ServerProcess', 'ZODBLayer',
+    'filestorage_path', 'get_broker', 'get_postgresql_server',
+    'handler_queues', 'log_path_of', 'make_config', 'open_zodb',
+    'postgresql_database', 'reset_registry', 'script', 'site_zcml',
+    'stop_broker', 'stop_postgresql_server',
     'subprocess_environment', 'wait_for', 'wait_until_settled',
     'write_config',
 ]
@@ -97,7 +115,8 @@ LAZY = {
         'amqp_broker', 'amqp_vhost', 'amqp_parameters', 'amqp_client',
         'clean_registry', 'amqp_config', 'amqp_main', 'amqp_server_process',
         'amqp_cluster', 'amqp_certificates', 'amqp_tls_broker',
-        'amqp_mtls_broker'),
+        'amqp_mtls_broker', 'zodb_path', 'zodb', 'postgresql_server',
+        'postgresql_url'),
     'gocept.amqprun.testing.certificates': ('Certificates',),
 }
 

@@ -27,7 +27,16 @@ certificates), ``amqp_tls_broker`` (a :class:`Broker` with a TLS listener
 on ``ssl_port`` that verifies client certificates when given) and
 ``amqp_mtls_broker`` (the same, but a client certificate is required).
 The marker ``cluster`` is registered for tests that use the cluster.
+
+Databases (:mod:`gocept.amqprun.testing.database`): ``zodb_path`` (the
+path of a fresh FileStorage in ``tmp_path``), ``zodb`` (a ``ZODB.DB`` on
+it, closed after the test), ``postgresql_server`` (the run's private
+:class:`PostgreSQLServer`, session scope, started only when a test asks
+for it) and ``postgresql_url`` (a fresh database on it, dropped after the
+test, or ``AMQPRUN_TEST_POSTGRESQL_URL``).
 """
+import os
+
 import pytest
 
 from gocept.amqprun.testing.broker import Broker
@@ -35,6 +44,12 @@ from gocept.amqprun.testing.broker import Cluster
 from gocept.amqprun.testing.broker import get_broker
 from gocept.amqprun.testing.broker import stop_broker
 from gocept.amqprun.testing.client import Client
+from gocept.amqprun.testing.database import filestorage_path
+from gocept.amqprun.testing.database import get_postgresql_server
+from gocept.amqprun.testing.database import open_zodb
+from gocept.amqprun.testing.database import postgresql_database
+from gocept.amqprun.testing.database import URL_VARIABLE
+from gocept.amqprun.testing.database import stop_postgresql_server
 from gocept.amqprun.testing.daemon import MainThread
 from gocept.amqprun.testing.daemon import ServerProcess
 from gocept.amqprun.testing.daemon import log_path_of
@@ -194,3 +209,37 @@ def amqp_mtls_broker(amqp_certificates):
                                        fail_if_no_peer_cert=True)
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def zodb_path(tmp_path):
+    """The path of a fresh ZODB FileStorage in the test's ``tmp_path``."""
+    return filestorage_path(str(tmp_path))
+
+
+@pytest.fixture
+def zodb(zodb_path):
+    """A ``ZODB.DB`` on a fresh FileStorage; closed after the test."""
+    db = open_zodb(zodb_path)
+    yield db
+    db.close()
+
+
+@pytest.fixture(scope='session')
+def postgresql_server():
+    """The run's private :class:`PostgreSQLServer` (stopped at the end),
+    or None when ``AMQPRUN_TEST_POSTGRESQL_URL`` names a database."""
+    if os.environ.get(URL_VARIABLE):
+        yield None
+        return
+    yield get_postgresql_server()
+    stop_postgresql_server()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server):
+    """The URL of a fresh PostgreSQL database, dropped after the test
+    (or ``AMQPRUN_TEST_POSTGRESQL_URL``, shared by every test)."""
+    url, cleanup = postgresql_database()
+    yield url
+    cleanup()

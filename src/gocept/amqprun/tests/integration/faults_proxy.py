@@ -7,6 +7,9 @@ the proxy thread has carried it out.
 
 It listens on 127.0.0.1 (a free port) and forwards every connection to the
 broker, byte for byte, with non-blocking sockets and one ``select`` loop.
+It reads the AMQP frames it forwards, so that :meth:`FaultProxy.cut_at`
+can cut the connection at one method frame (e.g. ``tx.commit-ok``): the
+frame never arrives, which opens the window of a commit in doubt.
 """
 import errno
 import queue
@@ -19,6 +22,11 @@ import threading
 #: Bytes buffered per direction before the proxy stops reading that side.
 BUFFER_LIMIT = 1 << 20
 
+#: AMQP 0-9-1 methods :meth:`FaultProxy.cut_at` knows: (class, method) ids.
+METHODS = {'tx.commit': (90, 20), 'tx.commit-ok': (90, 21)}
+PROTOCOL_HEADER = 8
+FRAME_METHOD = 1
+
 
 class Pipe:
     """One proxied connection: the client's socket and the broker's."""
@@ -28,6 +36,29 @@ class Pipe:
         self.upstream = upstream
         #: socket -> bytes waiting to be written to it
         self.pending = {client: bytearray(), upstream: bytearray()}
+        #: socket -> bytes read from it that do not make a frame yet
+        self.partial = {client: bytearray(), upstream: bytearray()}
+        #: bytes of the client's protocol header still to pass unparsed
+        self.header_left = PROTOCOL_HEADER
+
+    def frames(self, sock, data):
+        """Split what ``sock`` sent into whole frames (header first)."""
+        buffer = self.partial[sock]
+        buffer += data
+        if sock is self.client and self.header_left:
+            take = min(self.header_left, len(buffer))
+            self.header_left -= take
+            yield bytes(buffer[:take]), None
+            del buffer[:take]
+        while len(buffer) >= 7:
+            frame_type, _, size = struct.unpack('>BHI', buffer[:7])
+            if len(buffer) < size + 8:
+                return
+            frame = bytes(buffer[:size + 8])
+            del buffer[:size + 8]
+            method = (struct.unpack('>HH', frame[7:11])
+                      if frame_type == FRAME_METHOD else None)
+            yield frame, method
 
     def peer(self, sock):
         return self.upstream if sock is self.client else self.client
@@ -56,6 +87,9 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.accepted = 0
         self.stalled = False
+        #: How often a cut_at() was carried out.
+        self.cuts = 0
+        self._cut_at = None  # [(class, method), frames to let pass]
         self._pipes = []
         self._commands = queue.Queue()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -100,6 +134,16 @@ class FaultProxy:
     def resume(self):
         """Forward again after :meth:`stall`."""
         self._call('resume')
+
+    def cut_at(self, method, after=0):
+        """Swallow the next ``method`` frame (a key of :data:`METHODS`)
+        after letting ``after`` of them pass, then cut every connection.
+
+        Returns at once; :attr:`cuts` counts the cuts carried out. With
+        ``'tx.commit'`` the broker never sees the commit (it rolls back);
+        with ``'tx.commit-ok'`` it committed but the client never hears.
+        """
+        self._call(('cut_at', (METHODS[method], after)))
 
     def stop(self):
         """Close every socket and join the proxy thread."""
@@ -169,15 +213,15 @@ class FaultProxy:
                 return False
             if command == 'cut':
                 value = len(self._pipes)
-                for pipe in self._pipes:
-                    pipe.close(reset=True)
-                self._pipes = []
+                self._run_cut()
             elif command == 'stall':
                 self.stalled = True
             elif command == 'resume':
                 self.stalled = False
             elif command == 'count':
                 value = len(self._pipes)
+            elif isinstance(command, tuple) and command[0] == 'cut_at':
+                self._cut_at = list(command[1])
             result.put(value)
 
     def _accept(self):
@@ -215,7 +259,26 @@ class FaultProxy:
         if not data:
             self._close(pipe, flush_to=pipe.peer(sock))
             return
-        pipe.pending[pipe.peer(sock)] += data
+        for frame, method in pipe.frames(sock, data):
+            if method is not None and self._swallows(method):
+                self.cuts += 1
+                self._run_cut()
+                return
+            pipe.pending[pipe.peer(sock)] += frame
+
+    def _swallows(self, method):
+        if self._cut_at is None or method != self._cut_at[0]:
+            return False
+        if self._cut_at[1]:
+            self._cut_at[1] -= 1
+            return False
+        self._cut_at = None
+        return True
+
+    def _run_cut(self):
+        for pipe in self._pipes:
+            pipe.close(reset=True)
+        self._pipes = []
 
     def _write(self, sock):
         pipe = self._pipe_of(sock)

@@ -245,21 +245,23 @@ class RecordingDataManager:
     """A resource manager (e.g. a database) that records its phases.
 
     Appends ``'<name>.<phase>'`` to ``log``; the phase named ``fail_in``
-    raises RuntimeError.
+    raises ``error`` (RuntimeError).
     """
 
     transaction_manager = None
 
-    def __init__(self, log, name='db', sort_key='db', fail_in=None):
+    def __init__(self, log, name='db', sort_key='db', fail_in=None,
+                 error=RuntimeError):
         self.log = log
         self.name = name
         self.sort_key = sort_key
         self.fail_in = fail_in
+        self.error = error
 
     def _phase(self, phase):
         self.log.append('%s.%s' % (self.name, phase))
         if phase == self.fail_in:
-            raise RuntimeError('%s failed in %s' % (self.name, phase))
+            raise self.error('%s failed in %s' % (self.name, phase))
 
     def abort(self, txn):
         self._phase('abort')

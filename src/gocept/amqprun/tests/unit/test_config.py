@@ -81,6 +81,7 @@ def test_load_gives_sections_with_defaults(write, tmp_path):
     assert worker.shutdown_timeout == 30.0
     assert worker.retry_delay == 1.0
     assert worker.max_attempts == 0
+    assert worker.transient_retries == 3
     assert worker.dead_letter_routing_key is None
     assert worker.dead_letter_exchange == 'amq.topic'
     assert conf.settings is None
@@ -106,6 +107,7 @@ def test_load_reads_every_key(write):
         shutdown-timeout 5
         retry-delay 0.25
         max-attempts 3
+        transient-retries 5
         dead-letter-routing-key dead
         dead-letter-exchange dlx
     """))
@@ -123,6 +125,7 @@ def test_load_reads_every_key(write):
     assert worker.shutdown_timeout == 5
     assert worker.retry_delay == 0.25
     assert worker.max_attempts == 3
+    assert worker.transient_retries == 5
     assert worker.dead_letter_routing_key == 'dead'
     assert worker.dead_letter_exchange == 'dlx'
 

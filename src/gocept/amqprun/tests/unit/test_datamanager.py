@@ -4,6 +4,8 @@ Driven through a real ``transaction.TransactionManager`` (and the
 thread-local one) with a server whose ``submit(op)`` resolves the op at
 once, with success or a given error.
 """
+import logging
+
 import pytest
 import transaction
 import transaction.interfaces
@@ -14,6 +16,7 @@ import gocept.amqprun.interfaces
 from gocept.amqprun.datamanager import AMQPDataManager
 from gocept.amqprun.datamanager import NoOpSavepoint
 from gocept.amqprun.interfaces import CommitFailed
+from gocept.amqprun.interfaces import CommitInDoubt
 from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeChannel
@@ -328,3 +331,61 @@ def test_handled_message_notifies_no_send(tm, log, events):
     join(tm, handled_session(FakeServer()))
     tm.commit()
     assert finished == []
+
+
+# -- an AMQP commit in doubt -------------------------------------------------
+
+class InDoubtRecorder(RecordingDataManager):
+    """Records what ``commit_in_doubt`` says when the transaction ends."""
+
+    def _ended(self, txn):
+        self.log.append('%s.in_doubt=%s' % (
+            self.name, gocept.amqprun.datamanager.commit_in_doubt(txn)))
+
+    def tpc_finish(self, txn):
+        super().tpc_finish(txn)
+        self._ended(txn)
+
+    def tpc_abort(self, txn):
+        super().tpc_abort(txn)
+        self._ended(txn)
+
+
+def test_commit_in_doubt_of_a_received_message_commits_the_others(
+        tm, log, caplog):
+    server = LoggingServer(log, error=CommitInDoubt('lost in tx.commit'))
+    session = handled_session(server)
+    join(tm, session)
+    tm.get().join(InDoubtRecorder(log, 'db', 'db:1'))
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.datamanager'):
+        tm.commit()
+    assert log == [
+        'db.tpc_begin', 'db.commit', 'db.tpc_vote', 'amqp.submit',
+        'db.tpc_finish', 'db.in_doubt=True']
+    assert session.in_doubt
+    assert not session.settled
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert '<orig@example>' in record.getMessage()
+    assert 'redelivers it flagged redelivered' in record.getMessage()
+
+
+def test_commit_in_doubt_of_a_pure_send_fails_the_vote(tm, log):
+    server = LoggingServer(log, error=CommitInDoubt('lost in tx.commit'))
+    session = Session(server)
+    session.messages.append(outgoing_message())
+    join(tm, session)
+    tm.get().join(InDoubtRecorder(log, 'db', 'db:1'))
+    with pytest.raises(CommitInDoubt):
+        tm.commit()
+    assert log[-2:] == ['db.tpc_abort', 'db.in_doubt=True']
+    assert not session.in_doubt
+
+
+def test_commit_not_in_doubt_is_not_reported_in_doubt(tm, log):
+    session = handled_session(LoggingServer(log))
+    join(tm, session)
+    tm.get().join(InDoubtRecorder(log, 'db', 'db:1'))
+    tm.commit()
+    assert log[-1] == 'db.in_doubt=False'
+    assert not session.in_doubt

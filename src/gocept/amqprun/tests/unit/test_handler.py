@@ -2,6 +2,7 @@
 """
 import pytest
 import transaction
+import ZODB.POSException
 import zope.component
 import zope.interface.verify
 
@@ -323,3 +324,11 @@ def test_decorator_supports_a_retry_policy_of_the_handler():
     def handler(message):
         pass
     assert handler.retry_policy is policy
+
+
+def test_error_handling_handler_lets_a_transient_error_through(
+        recorder, message):
+    Recorder.work = fail_with(ZODB.POSException.ConflictError('conflict'))
+    with pytest.raises(ZODB.POSException.ConflictError):
+        recorder(message)
+    assert message._session.acknowledged == []

@@ -25,6 +25,7 @@ from gocept.amqprun.interfaces import IProcessStarted
 from gocept.amqprun.interfaces import IProcessStopping
 from gocept.amqprun.interfaces import ISender
 from gocept.amqprun.interfaces import ISettings
+from gocept.amqprun.interfaces import IWorkersStopped
 from gocept.amqprun.server import Server
 from gocept.amqprun.tests.unit import handlers
 from gocept.amqprun.tests.unit.fakes import close_server
@@ -353,6 +354,13 @@ def test_worker_section_sets_the_retry_policy(configured):
     assert pool.policy.dead_letter_exchange == 'dlx'
 
 
+def test_worker_section_sets_the_transient_retries(configured):
+    conf, pool, server = configured()
+    assert pool.transient_retries == 3
+    conf, pool, server = configured(worker='transient-retries 0')
+    assert pool.transient_retries == 0
+
+
 def test_amqp_server_section_sets_the_parameters(configured):
     conf, pool, server = configured(amqp="""
         port 1234
@@ -369,6 +377,8 @@ def test_amqp_server_section_sets_the_parameters(configured):
 
 class FakeLoop:
     """A server whose start() runs until stop(), or fails at once."""
+
+    blocked = None
 
     def __init__(self, log, error=None):
         self.log = log
@@ -452,6 +462,32 @@ def test_serve_boots_then_shuts_down_in_order():
     assert log[log.index('IProcessStarted'):] == [
         'IProcessStarted', 'IProcessStopping', 'server.stop_consuming',
         'pool.stop(5)', 'server.stop']
+
+
+def test_workers_stopped_comes_after_the_last_handler_before_the_close():
+    log = []
+    subscribe(log, IProcessStarted,
+              lambda: gocept.amqprun.process.request_stop(0, 'test'))
+    subscribe(log, IProcessStopping)
+    subscribe(log, IWorkersStopped)
+    gocept.amqprun.main.serve(fake_conf(), FakePool(log), FakeLoop(log))
+    assert log[log.index('IProcessStopping'):] == [
+        'IProcessStopping', 'server.stop_consuming', 'pool.stop(5)',
+        'IWorkersStopped', 'server.stop']
+
+
+def test_workers_stopped_counts_the_handlers_still_running(caplog):
+    events = []
+    zope.component.provideHandler(events.append, (IWorkersStopped,))
+    pool = FakePool([])
+    pool.stop = lambda timeout: ['worker-1', 'worker-2']
+    subscribe([], IProcessStarted,
+              lambda: gocept.amqprun.process.request_stop(0, 'test'))
+    with caplog.at_level(logging.WARNING, 'gocept.amqprun.main'):
+        gocept.amqprun.main.serve(fake_conf(), pool, FakeLoop([]))
+    [event] = events
+    assert event.unfinished == 2
+    assert '2 handler(s) did not finish within 5 s' in caplog.text
 
 
 def test_serve_exits_1_when_the_server_gives_up(caplog):

@@ -14,13 +14,13 @@ def test_tally_summarises_every_outcome():
     tally = MessageTally()
     assert tally.summary() == (
         'handled 0, failed 0 (retried 0, dead-lettered 0, returned 0), '
-        'error-handled 0')
+        'error-handled 0, in-doubt 0')
     for outcome in ['handled', 'handled', 'retried', 'dead-lettered',
-                    'returned', 'error-handled']:
+                    'returned', 'error-handled', 'in-doubt']:
         tally.on_message_handled(handled(outcome))
     assert tally.summary() == (
         'handled 2, failed 3 (retried 1, dead-lettered 1, returned 1), '
-        'error-handled 1')
+        'error-handled 1, in-doubt 1')
 
 
 def test_tally_counts_events_while_subscribed(registry):

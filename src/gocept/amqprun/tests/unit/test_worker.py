@@ -8,6 +8,9 @@ import time
 
 import pytest
 import transaction
+import ZODB
+import ZODB.MappingStorage
+import ZODB.POSException
 import zope.component
 import zope.interface
 import zope.security.management
@@ -17,6 +20,7 @@ from gocept.amqprun.channelops import Reject
 from gocept.amqprun.handler import ErrorHandlingHandler
 from gocept.amqprun.handler import Handler
 from gocept.amqprun.interfaces import CommitFailed
+from gocept.amqprun.interfaces import CommitInDoubt
 from gocept.amqprun.interfaces import ConnectionLost
 from gocept.amqprun.interfaces import IMessageHandled
 from gocept.amqprun.interfaces import IResponse
@@ -537,3 +541,152 @@ def test_pool_workers_handle_queued_tasks(server, outcomes):
 def test_pool_default_policy_loses_nothing(server):
     policy = WorkerPool(server, 1).policy
     assert not policy.gives_up(10 ** 6)
+
+
+# -- databases: an AMQP commit in doubt, transient errors --------------------
+
+@pytest.fixture
+def zodb():
+    """A real ZODB in memory and a connection of the test thread."""
+    db = ZODB.DB(ZODB.MappingStorage.MappingStorage())
+    connection = db.open()
+    yield db, connection.root()
+    connection.close()
+    db.close()
+
+
+def counting(root, name='count'):
+    """A handler that counts its messages in ``root[name]``."""
+    def handler(message):
+        root[name] = root.get(name, 0) + 1
+        return [outgoing_message()]
+    return handler
+
+
+def stored(db, name='count'):
+    """What another connection reads from the database."""
+    with db.transaction() as connection:
+        return connection.root().get(name)
+
+
+def test_worker_keeps_the_database_write_when_the_amqp_commit_is_in_doubt(
+        pool, zodb, outcomes, caplog):
+    db, root = zodb
+    server = pool.server = FakeServer(outcomes=[CommitInDoubt('lost')])
+    message = received_message()
+    with caplog.at_level(logging.INFO):
+        Worker(pool, 1).handle(task(counting(root), message))
+    assert stored(db) == 1
+    [commit] = server.ops  # neither rejected ...
+    assert isinstance(commit, Commit)
+    assert outcomes == ['in-doubt']
+    assert pool.failures.count(message) == 0  # ... nor counted
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.levelname for r in caplog.records
+            if '<orig@example>' in r.getMessage()] == ['WARNING']
+
+
+def test_worker_handles_the_redelivery_after_a_commit_in_doubt_afresh(
+        pool, zodb, outcomes):
+    db, root = zodb
+    server = pool.server = FakeServer(outcomes=[CommitInDoubt('lost')])
+    worker = Worker(pool, 1)
+    worker.handle(task(counting(root)))
+    redelivered = received_message(tag=2)
+    redelivered.redelivered = True
+    worker.handle(task(counting(root), redelivered))
+    assert stored(db) == 2  # the handler decides (see the idempotency recipe)
+    assert server.channel.names == ['basic_ack', 'publish', 'tx_commit']
+    assert outcomes == ['in-doubt', 'handled']
+
+
+def conflicting(times, calls):
+    """A handler raising ConflictError ``times`` times, then replying."""
+    def handler(message):
+        calls.append(transaction.get())
+        if len(calls) <= times:
+            raise ZODB.POSException.ConflictError('provoked conflict')
+        return [outgoing_message()]
+    return handler
+
+
+def test_worker_retries_a_transient_error_at_once_in_a_fresh_transaction(
+        worker, server, pool, outcomes, caplog):
+    calls = []
+    message = received_message()
+    with caplog.at_level(logging.INFO, 'gocept.amqprun.worker'):
+        worker.handle(task(conflicting(2, calls), message))
+    assert len(calls) == 3
+    assert len(set(map(id, calls))) == 3
+    [commit] = server.ops
+    assert isinstance(commit, Commit)
+    assert commit.delivery is message.delivery
+    assert server.channel.names == ['basic_ack', 'publish', 'tx_commit']
+    assert outcomes == ['handled']
+    assert pool.failures.count(message) == 0
+    retries = [r for r in caplog.records if 'Transient error' in r.message]
+    assert [r.levelname for r in retries] == ['INFO', 'INFO']
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_worker_returns_a_message_that_keeps_conflicting_uncounted(
+        server, outcomes, caplog):
+    pool = WorkerPool(server, 1, RetryPolicy(
+        delay=0, max_attempts=1, dead_letter_routing_key='test.dead'))
+    calls = []
+    message = received_message()
+    with caplog.at_level(logging.INFO, 'gocept.amqprun.worker'):
+        Worker(pool, 1).handle(task(conflicting(99, calls), message))
+    assert len(calls) == 4  # the first try and 3 retries
+    [reject] = server.ops  # not dead-lettered although max-attempts is 1
+    assert isinstance(reject, Reject)
+    assert outcomes == ['retried']
+    assert pool.failures.count(message) == 0
+    assert [r.levelname for r in caplog.records] == [
+        'INFO', 'INFO', 'INFO', 'WARNING']
+    assert 'not counted as a failed attempt' in caplog.records[-1].message
+
+
+def test_worker_does_not_retry_transient_errors_when_told_not_to(server):
+    pool = WorkerPool(server, 1, RetryPolicy(delay=0), transient_retries=0)
+    calls = []
+    Worker(pool, 1).handle(task(conflicting(1, calls)))
+    assert len(calls) == 1
+    assert isinstance(server.ops[0], Reject)
+
+
+def test_worker_retries_a_real_zodb_conflict(worker, server, zodb, outcomes):
+    db, root = zodb
+    root['count'] = 0
+    transaction.commit()
+    calls = []
+
+    def handler(message):
+        calls.append(1)
+        root['count'] += 1
+        if len(calls) == 1:  # another thread's commit gets in between
+            with db.transaction() as other:
+                other.root()['count'] = 10
+        return []
+    worker.handle(task(handler))
+    assert len(calls) == 2
+    assert stored(db) == 11
+    assert outcomes == ['handled']
+
+
+def test_worker_retries_a_transient_commit_error_of_an_IResponse_first(
+        worker, server):
+    calls = []
+
+    def handler(message):
+        calls.append(1)
+        if len(calls) == 1:
+            transaction.get().join(
+                RecordingDataManager([], fail_in='tpc_vote',
+                                     error=ZODB.POSException.ConflictError))
+        return RecordingResponse([], [outgoing_message()],
+                                 [outgoing_message(b'error')])
+    worker.handle(task(handler))
+    assert len(calls) == 2
+    [commit] = server.ops
+    assert [m.body for m in commit.messages] == [b'reply']

@@ -17,6 +17,7 @@ import gocept.amqprun.interfaces
 from gocept.amqprun.message import Message
 from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeServer
+from gocept.amqprun.tests.unit.fakes import received_message
 from gocept.amqprun.writefiles import DEFAULT_PATTERN
 from gocept.amqprun.writefiles import FileDataManager
 from gocept.amqprun.writefiles import FileWriter
@@ -433,6 +434,20 @@ def test_files_stay_when_the_amqp_commit_is_in_doubt(tmp_path, caplog):
         transaction.abort()
     assert files_below(tmp_path) == ['foo.header.xml', 'foo.xml']
     assert 'the AMQP commit is in doubt' in caplog.text
+
+
+def test_files_of_a_handled_message_stay_when_its_commit_is_in_doubt(
+        tmp_path):
+    server = FakeServer(outcomes=[
+        gocept.amqprun.interfaces.CommitInDoubt('connection lost')])
+    writer = FileWriter(str(tmp_path), 'foo.xml')
+    transaction.begin()
+    session = Session(server, received_message())
+    session.join_transaction()
+    writer(message())
+    transaction.commit()
+    assert session.in_doubt
+    assert files_below(tmp_path) == ['foo.header.xml', 'foo.xml']
 
 
 def test_failing_write_leaves_no_temporary_file(tmp_path):
