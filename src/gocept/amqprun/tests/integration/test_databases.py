@@ -17,9 +17,9 @@ from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import numbered
 from gocept.amqprun.tests.integration.faults_tally import publish
 from gocept.amqprun.tests.integration.test_faults import FAST_RECONNECT
-from gocept.amqprun.tests.integration.test_faults import (  # noqa: F401
-    no_thread_survives, proxy)
 
+
+pytestmark = pytest.mark.usefixtures('no_thread_survives')
 
 STORES = ['zodb', 'sql-one-phase', 'sql-two-phase']
 

@@ -15,7 +15,6 @@ from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration.exchanges_handlers import REPLIES
 from gocept.amqprun.tests.integration.exchanges_handlers import REPORT
 from gocept.amqprun.tests.integration.test_faults import FAST_RECONNECT
-from gocept.amqprun.tests.integration.test_faults import restartable_broker  # noqa: F401,E501 (a fixture)
 from gocept.amqprun.tests.integration.test_process import server
 from gocept.amqprun.tests.integration.test_process import write
 from gocept.amqprun.xmlheader import header_filename

@@ -25,7 +25,6 @@ import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration import faults_handlers
 from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
-from gocept.amqprun.tests.integration.faults_proxy import FaultProxy
 from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import connect
 from gocept.amqprun.tests.integration.faults_tally import declare_queue
@@ -83,22 +82,7 @@ def free_port():
 
 # -- fixtures ----------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def no_thread_survives():
-    """Fail the test when a daemon or proxy thread outlives it."""
-    faults_handlers.reset()
-    before = set(threading.enumerate())
-    yield
-    faults_handlers.reset()
-
-    def survivors():
-        return [thread.name for thread in threading.enumerate()
-                if thread not in before and thread.is_alive()
-                and thread.name.startswith('amqprun-')]
-    deadline = time.monotonic() + 10
-    while survivors() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not survivors(), 'Threads survived the test: %s' % survivors()
+pytestmark = pytest.mark.usefixtures('no_thread_survives')
 
 
 @pytest.fixture
@@ -123,14 +107,6 @@ def daemon(tmp_path, clean_registry):
     for runner in started:
         if runner.thread.is_alive():
             assert runner.stop() == 0
-
-
-@pytest.fixture
-def proxy(amqp_broker):
-    """A FaultProxy in front of the broker; stopped (thread joined) after.
-    """
-    with FaultProxy(amqp_broker.hostname, amqp_broker.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture
@@ -180,23 +156,6 @@ def test_cut_connection_reconnects_and_every_reply_arrives_once(
 
 
 # -- 2. broker restart -------------------------------------------------------
-
-@pytest.fixture
-def restartable_broker(amqp_broker, amqp_vhost):
-    """(broker, vhost) of a private node that may be restarted.
-
-    The run's own node when it is private; else (``AMQP_HOSTNAME`` names a
-    broker) a private node started for this test.
-    """
-    if amqp_broker.node is not None:
-        yield amqp_broker, amqp_vhost
-        return
-    broker = gocept.amqprun.testing.Broker.start_private_node()
-    try:
-        yield broker, broker.create_vhost()
-    finally:
-        broker.stop()
-
 
 def queue_length(broker, virtual_host, queue):
     connection = connect(broker, virtual_host)

@@ -21,7 +21,6 @@ from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration import handlers
 from gocept.amqprun.tests.integration.test_faults import FAST_RECONNECT
 from gocept.amqprun.tests.integration.test_faults import free_port
-from gocept.amqprun.tests.integration.test_faults import restartable_broker  # noqa: F401 E501 (a fixture)
 from gocept.amqprun.tests.integration.test_main import zcml
 
 
