@@ -41,6 +41,10 @@ class CommitQueue:
         self._ops = collections.deque()
         self._delayed = []
         self._sequence = itertools.count()
+        #: AMQP transactions committed, and the ops they carried (the mean
+        #: batch size of the group commit is their ratio).
+        self.transactions = 0
+        self.committed_ops = 0
 
     def submit(self, op):
         """Queue an :class:`IChannelOp`; any thread."""
@@ -147,6 +151,8 @@ class CommitQueue:
                       failed, error)
             failed.resolve(error)
             ops.remove(failed)
+        self.transactions += 1
+        self.committed_ops += len(ops)
         for op in ops:
             op.resolve()
         log.debug('Committed %d op(s) in one AMQP transaction', len(ops))

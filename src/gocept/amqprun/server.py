@@ -164,6 +164,8 @@ class Server(gocept.amqprun.process.LoopState):
             self.commits.fail_pending(
                 gocept.amqprun.interfaces.ConnectionLost(
                     'The server stopped'))
+            log.info('Committed %d op(s) in %d AMQP transaction(s).',
+                     self.commits.committed_ops, self.commits.transactions)
             log.info('Message reader stopped.')
 
     def _run(self):

@@ -277,3 +277,12 @@ def test_fail_pending_resolves_delayed_ops_and_keeps_sends(commits):
     assert not resolved(send)
     commits.fail_pending(RecoverableError('stopped'))
     assert isinstance(error_of(send), RecoverableError)
+
+
+def test_committed_transactions_and_their_ops_are_counted(commits):
+    for tag in (1, 2):
+        commits.submit(Commit(delivered(tag), []))
+    run_pass(commits)
+    commits.submit(Commit(delivered(3), []))
+    run_pass(commits)
+    assert (commits.transactions, commits.committed_ops) == (2, 3)
