@@ -14,6 +14,7 @@ import struct
 
 import amqp
 import amqp.exceptions
+import amqp.transport
 
 import gocept.amqprun.interfaces
 
@@ -44,6 +45,11 @@ CONFIGURATION_REFUSALS = (
 #: in the 1.x line): the broker's value wins as the smaller one; a broker
 #: proposing none gets the protocol maximum, which is as good as none.
 ACCEPT_BROKER_HEARTBEAT = 65535
+
+#: Bytes one ``recv`` may take from the socket (see :func:`buffer_reads`);
+#: py-amqp copies what is left after each frame part, so not much more
+#: than a pass brings in.
+READ_CHUNK = 4096
 
 #: Seconds a synchronous broker call (``tx.commit``, ``close``) or a write
 #: may block when the connection has no usable heartbeat to bound it.
@@ -131,7 +137,35 @@ def connect(parameters):
     # the I/O thread forever, and heartbeat_tick() never runs meanwhile.
     # A live broker sends something at least every heartbeat interval.
     connection.transport.sock.settimeout(io_timeout(connection.heartbeat))
+    buffer_reads(connection.transport)
     return connection
+
+
+def buffer_reads(transport):
+    """Make py-amqp's TCP transport read the socket in chunks.
+
+    py-amqp reads each frame in three ``recv`` calls (header, payload,
+    end octet), nine for a delivery. Its ``_read`` keeps whatever ``recv``
+    returned beyond what it asked for in ``_read_buffer`` for the next
+    frame, so asking for a chunk makes it buffered. py-amqp internals
+    (``_quick_recv``, ``_read_buffer``; pinned in setup.py, checked by
+    ``test_connection``); TLS transports are left as they are. The reader
+    must then look at :func:`has_buffered_data` before waiting on the
+    socket.
+    """
+    if type(transport) is not amqp.transport.TCPTransport:
+        return
+    recv = transport.sock.recv
+
+    def chunked_recv(size):
+        return recv(max(size, READ_CHUNK))
+    transport._quick_recv = chunked_recv
+
+
+def has_buffered_data(connection):
+    """True when bytes read from the socket wait in py-amqp's buffer
+    (a ``select`` on the socket does not see them)."""
+    return bool(connection.transport._read_buffer)
 
 
 def io_timeout(heartbeat):

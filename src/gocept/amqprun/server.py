@@ -299,13 +299,18 @@ class Server(gocept.amqprun.process.LoopState):
         self.commits.commit_due(self._channel, self._send_channel)
 
     def _read_frames(self, sock):
-        # One frame per blocking_read; go on while the socket has data, so
-        # that a lone heartbeat frame never makes us wait for more.
+        # One frame per blocking_read; go on while the socket or the
+        # transport's read buffer has data, so that a lone heartbeat frame
+        # never makes us wait for more, and select never waits for frames
+        # that were read already.
         while True:
             try:
                 self.connection.blocking_read(timeout=self.poll_interval)
             except socket.timeout:
                 return
+            if gocept.amqprun.connection.has_buffered_data(
+                    self.connection):
+                continue
             if not select.select([sock], [], [], 0)[0] and not (
                     hasattr(sock, 'pending') and sock.pending()):
                 return

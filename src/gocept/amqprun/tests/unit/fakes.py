@@ -266,6 +266,7 @@ class FakeTransport:
 
     def __init__(self):
         self.sock = FakeSocket()
+        self._read_buffer = b''
 
 
 class FakeAMQPConnection:

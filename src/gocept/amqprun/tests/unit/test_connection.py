@@ -4,18 +4,23 @@ describe, ConnectionHistory.
 ``amqp.Connection`` is replaced by FakeAMQPConnection; no socket is opened.
 """
 import io
+import struct
 
 import amqp.exceptions
+import amqp.transport
 import pytest
 import ZConfig
 
 import gocept.amqprun.config
 from gocept.amqprun.connection import DEFAULT_PORT
+from gocept.amqprun.connection import READ_CHUNK
 from gocept.amqprun.connection import ConnectionHistory
 from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.connection import Parameters
+from gocept.amqprun.connection import buffer_reads
 from gocept.amqprun.connection import connect
 from gocept.amqprun.connection import describe
+from gocept.amqprun.connection import has_buffered_data
 from gocept.amqprun.connection import open_channel
 from gocept.amqprun.handler import Handler
 from gocept.amqprun.interfaces import AccessRefused
@@ -26,6 +31,7 @@ from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
 from gocept.amqprun.tests.unit.fakes import FakeAMQPConnection
 from gocept.amqprun.tests.unit.fakes import FakeChannel
+from gocept.amqprun.tests.unit.fakes import FakeTransport
 
 
 def handler(queue='queue', routing_key='route', arguments=None):
@@ -285,3 +291,53 @@ def test_history_forgets_old_generations():
     error = history.stale_error(Delivery(1, 3))
     assert 'went away' not in str(error)
     assert isinstance(error, ConnectionLost)
+
+
+class ChunkSocket:
+    """Hands out ``data`` in pieces of at most the size asked for."""
+
+    def __init__(self, data):
+        self.data = data
+        self.sizes = []
+
+    def recv(self, size):
+        self.sizes.append(size)
+        chunk, self.data = self.data[:size], self.data[size:]
+        return chunk
+
+    def sendall(self, data):
+        raise AssertionError('nothing is written')
+
+    def getsockname(self):
+        return ('127.0.0.1', 1)
+
+    def getpeername(self):
+        return ('127.0.0.1', 1)
+
+
+def heartbeat_frames(count):
+    return b''.join(struct.pack('>BHI', 8, 0, 0) + b'\xce'
+                    for _ in range(count))
+
+
+def test_buffered_reads_take_several_frames_with_one_recv():
+    # Fails loudly when py-amqp's TCPTransport internals change (the
+    # version range in setup.py pins them): _quick_recv, _read_buffer.
+    transport = amqp.transport.TCPTransport('127.0.0.1:1')
+    transport.sock = ChunkSocket(heartbeat_frames(3))
+    transport._setup_transport()
+    buffer_reads(transport)
+    connection = FakeAMQPConnection()
+    connection.transport = transport
+    assert transport.read_frame() == (8, 0, b'')
+    assert has_buffered_data(connection)
+    assert transport.read_frame() == (8, 0, b'')
+    assert transport.read_frame() == (8, 0, b'')
+    assert not has_buffered_data(connection)
+    assert transport.sock.sizes == [READ_CHUNK]
+
+
+def test_buffered_reads_leave_other_transports_alone():
+    transport = FakeTransport()
+    buffer_reads(transport)
+    assert not hasattr(transport, '_quick_recv')
