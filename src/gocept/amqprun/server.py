@@ -93,6 +93,9 @@ class Server(gocept.amqprun.process.LoopState):
         self._consumer_tags = []
         self._local = threading.local()
         self._wake_r, self._wake_w = os.pipe()
+        #: True from a wake-up byte's write until the loop has drained it:
+        #: meanwhile further wake-ups need no write (see ``_wake``).
+        self._wake_pending = False
         for fd in (self._wake_r, self._wake_w):
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
@@ -137,6 +140,14 @@ class Server(gocept.amqprun.process.LoopState):
         return session
 
     def _wake(self):
+        # One write per loop pass, not per submit: while a byte is pending
+        # the loop is bound to look at the op queue after draining it
+        # (``_drain_wake_pipe`` clears the flag only after the read, so an
+        # op queued before a skipped write is seen by the pass that
+        # follows the drain).
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b'!')
         except BlockingIOError:
@@ -328,6 +339,10 @@ class Server(gocept.amqprun.process.LoopState):
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
+        # Only after the read: cleared before it, a wake-up written in
+        # between would be read away while the caller has already looked
+        # at the op queue, and its op would wait for the poll timeout.
+        self._wake_pending = False
 
     def _cancel_consumers_if_asked(self):
         if not (self._stop_consuming and self._consumer_tags):

@@ -5,6 +5,7 @@ The server is put into a "connected" state with FakeChannels (and, for
 wake-up pipe is the only file descriptor involved.
 """
 import logging
+import os
 import select
 import threading
 import time
@@ -145,9 +146,36 @@ def test_every_submit_after_a_drain_wakes_the_loop_again(unconnected):
 
 def test_wake_survives_a_full_pipe(unconnected):
     for _ in range(100000 // 4096 + 50):
+        unconnected._wake_pending = False  # as if racing wake-ups
         unconnected._wake()
         unconnected._wake()
     unconnected._drain_wake_pipe()
+
+
+def test_wake_ups_before_a_drain_write_one_byte(unconnected):
+    for _ in range(3):
+        unconnected.submit(Commit(None, []))
+    assert os.read(unconnected._wake_r, 4096) == b'!'
+
+
+def test_submit_between_drain_read_and_commit_is_seen_by_the_next_pass(
+        unconnected):
+    # The loop drains the pipe, then looks at the op queue: an op submitted
+    # before the drain finished must not wait for the poll timeout.
+    unconnected.submit(Commit(None, []))
+    os.read(unconnected._wake_r, 4096)  # the loop's read ...
+    late = Commit(None, [])
+    unconnected.submit(late)  # ... a worker's submit, no write needed ...
+    unconnected._wake_pending = False  # ... the rest of the drain
+    assert unconnected.commits.poll_timeout(1.0) == 0
+    assert late in unconnected.commits._ops
+
+
+def test_submit_after_the_drain_wakes_the_loop(unconnected):
+    unconnected.submit(Commit(None, []))
+    unconnected._drain_wake_pipe()
+    unconnected.submit(Commit(None, []))
+    assert select.select([unconnected._wake_r], [], [], 0)[0]
 
 
 def test_send_outside_handler_publishes_nothing_on_abort(unconnected):
