@@ -137,6 +137,7 @@ class CommitQueue:
                     except gocept.amqprun.interfaces.CommitFailed as e:
                         failed, error = op, e
                         break
+                op_channel.flush()  # an error here: nothing committed
                 if failed is None:
                     committing = True
                     channel.tx_commit()

@@ -191,36 +191,75 @@ def open_channel(connection):
 
 
 class OpChannel:
-    """The face of an AMQP channel that channel ops see."""
+    """The face of an AMQP channel that channel ops see.
+
+    The frames of the ops are collected and written in one go by
+    :meth:`flush`, which the commit queue calls before ``tx.commit`` (or
+    ``tx.rollback``): one write per transaction instead of one per ack and
+    per publish. Until then nothing of them is on the wire, which changes
+    nothing for the broker: it acts on a transaction at its commit.
+    """
 
     def __init__(self, channel):
         self._channel = channel
+        self._transport = channel.connection.transport
+        self._frames = []
 
     def basic_ack(self, delivery_tag):
         """Acknowledge a delivery (transactional)."""
-        self._channel.basic_ack(delivery_tag)
+        self._buffered(self._channel.basic_ack, delivery_tag)
 
     def basic_reject(self, delivery_tag, requeue):
         """Reject a delivery (transactional)."""
-        self._channel.basic_reject(delivery_tag, requeue)
+        self._buffered(self._channel.basic_reject, delivery_tag, requeue)
 
     def publish(self, message):
         """Publish a :class:`gocept.amqprun.message.Message`.
 
         Raises ``CommitFailed`` for a message that cannot be put on the wire
         (a header value AMQP has no type for, a routing key longer than 255
-        bytes): py-amqp encodes a frame completely before writing it, so the
-        connection is intact and only this op fails.
+        bytes): py-amqp encodes a frame completely before writing it, so
+        nothing of it is collected and only this op fails.
         """
         body = message.body if message.body is not None else b''
         try:
-            self._channel.basic_publish(
+            self._buffered(
+                self._channel.basic_publish,
                 amqp.Message(body, **message.header.properties()),
                 exchange=message.exchange,
                 routing_key=message.routing_key or '')
         except UNSENDABLE as e:
             raise gocept.amqprun.interfaces.CommitFailed(
                 'Cannot publish %r: %s' % (message, describe(e))) from e
+
+    def flush(self):
+        """Write the collected frames; connection errors propagate."""
+        if self._frames:
+            data = b''.join(self._frames)
+            self._frames = []
+            self._transport.write(data)
+
+    def _collect(self, data):
+        # py-amqp hands over a view of a buffer it reuses for the next
+        # frame: keep a copy.
+        self._frames.append(bytes(data))
+
+    def _buffered(self, method, *args, **kw):
+        """Call a channel method with the transport's writes collected.
+
+        py-amqp writes through ``transport._write`` (an internal, pinned
+        in setup.py and checked by ``test_connection``).
+        """
+        transport = self._transport
+        own = transport.__dict__.get('_write')
+        transport._write = self._collect
+        try:
+            method(*args, **kw)
+        finally:
+            if own is None:
+                del transport._write
+            else:
+                transport._write = own
 
 
 #: What py-amqp raises while encoding a message it cannot send. (Its

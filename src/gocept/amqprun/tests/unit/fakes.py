@@ -31,6 +31,7 @@ class FakeChannel:
         self._consumer_tags = 0
         #: consumer tag -> callback given to basic_consume
         self.callbacks = {}
+        self.connection = FakeWire()
 
     def _record(self, name, *args, **kw):
         self.calls.append((name,) + args + tuple(sorted(kw.items())))
@@ -263,10 +264,24 @@ class FakeSocket:
 
 
 class FakeTransport:
+    """py-amqp's transport: ``write`` goes through ``_write``; what reached
+    the socket is in ``sent``."""
 
     def __init__(self):
         self.sock = FakeSocket()
         self._read_buffer = b''
+        self.sent = []
+        self._write = self.sent.append
+
+    def write(self, data):
+        self._write(data)
+
+
+class FakeWire:
+    """The connection of a FakeChannel: just its transport."""
+
+    def __init__(self):
+        self.transport = FakeTransport()
 
 
 class FakeAMQPConnection:

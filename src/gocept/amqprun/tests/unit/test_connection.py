@@ -341,3 +341,54 @@ def test_buffered_reads_leave_other_transports_alone():
     transport = FakeTransport()
     buffer_reads(transport)
     assert not hasattr(transport, '_quick_recv')
+
+
+class WritingChannel(FakeChannel):
+    """Writes each ack as py-amqp does: a view of a buffer it reuses."""
+
+    def __init__(self):
+        super().__init__()
+        self._buffer = bytearray(1)
+
+    def basic_ack(self, delivery_tag):
+        super().basic_ack(delivery_tag)
+        self._buffer[0] = delivery_tag
+        self.connection.transport.write(memoryview(self._buffer))
+
+
+def test_op_channel_writes_the_frames_of_its_ops_at_flush_in_one_go():
+    channel = WritingChannel()
+    op_channel = OpChannel(channel)
+    op_channel.basic_ack(1)
+    op_channel.basic_ack(2)
+    assert channel.connection.transport.sent == []
+    op_channel.flush()
+    op_channel.flush()
+    assert channel.connection.transport.sent == [b'\x01\x02']
+
+
+def test_op_channel_restores_the_transport_when_a_method_fails():
+    channel = FakeChannel(basic_ack=OSError('gone'))
+    transport = channel.connection.transport
+    own = transport._write
+    with pytest.raises(OSError):
+        OpChannel(channel).basic_ack(1)
+    assert transport._write == own
+
+
+def test_op_channel_collects_what_py_amqp_transport_writes():
+    # Fails loudly when py-amqp's TCPTransport stops writing through its
+    # _write attribute (version range pinned in setup.py).
+    sent = []
+    transport = amqp.transport.TCPTransport('127.0.0.1:1')
+    transport.sock = ChunkSocket(b'')
+    transport.sock.sendall = sent.append
+    transport._setup_transport()
+    channel = FakeChannel()
+    channel.connection.transport = transport
+    op_channel = OpChannel(channel)
+    op_channel._buffered(transport.write, memoryview(b'frame'))
+    assert sent == []
+    op_channel.flush()
+    assert sent == [b'frame']
+    assert transport._write == transport.sock.sendall
