@@ -350,6 +350,20 @@ def test_poll_timeout_is_poll_interval_when_idle(server):
     assert server._poll_timeout() == server.poll_interval
 
 
+def test_heartbeat_tick_runs_once_per_quarter_interval(server):
+    ticks = []
+    server.connection.heartbeat = 4
+    server.connection.heartbeat_tick = lambda: ticks.append(True)
+    for now in (100, 100.5, 100.99, 101, 101.5, 102):
+        server._tick_heartbeat(now)
+    assert len(ticks) == 3
+
+
+def test_heartbeat_tick_is_skipped_without_heartbeat(server):
+    server.connection.heartbeat_tick = None  # would fail if called
+    server._tick_heartbeat(100)
+
+
 def test_poll_timeout_follows_the_heartbeat(server):
     server.connection.heartbeat = 2
     assert server._poll_timeout() == 0.5
