@@ -302,7 +302,8 @@ class Server(gocept.amqprun.process.LoopState):
                 [sock, self._wake_r], [], [], self._poll_timeout())
             if self._wake_r in readable:
                 self._drain_wake_pipe()
-            if sock in readable:
+            if sock in readable or gocept.amqprun.connection.has_buffered_data(
+                    self.connection):
                 self._read_frames(sock)
             self._tick_heartbeat()
         self._commit_due()
@@ -339,6 +340,10 @@ class Server(gocept.amqprun.process.LoopState):
                 return
 
     def _poll_timeout(self):
+        if gocept.amqprun.connection.has_buffered_data(self.connection):
+            # Frames read along with the answer to tx_commit wait in the
+            # transport's buffer, where select does not see them.
+            return 0
         timeout = self.poll_interval
         heartbeat = self.connection.heartbeat
         if heartbeat:

@@ -39,6 +39,7 @@ from gocept.amqprun.session import Session
 from gocept.amqprun.tests.unit.fakes import FakeAMQPMessage
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 from gocept.amqprun.tests.unit.fakes import FakeServer
+from gocept.amqprun.tests.unit.fakes import FakeTransport
 from gocept.amqprun.tests.unit.fakes import close_server
 from gocept.amqprun.tests.unit.fakes import error_of
 from gocept.amqprun.tests.unit.fakes import outgoing_message
@@ -54,6 +55,7 @@ class FakeConnection:
     def __init__(self, close_error=None):
         self.close_error = close_error
         self.calls = []
+        self.transport = FakeTransport()
 
     def close(self):
         self.calls.append('close')
@@ -362,6 +364,11 @@ def test_heartbeat_tick_runs_once_per_quarter_interval(server):
 def test_heartbeat_tick_is_skipped_without_heartbeat(server):
     server.connection.heartbeat_tick = None  # would fail if called
     server._tick_heartbeat(100)
+
+
+def test_poll_timeout_is_zero_with_frames_in_the_read_buffer(server):
+    server.connection.transport._read_buffer = b'\x01'
+    assert server._poll_timeout() == 0
 
 
 def test_poll_timeout_follows_the_heartbeat(server):
