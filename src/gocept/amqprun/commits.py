@@ -69,6 +69,10 @@ class CommitQueue:
         self.observers = []
         #: Keys of received messages whose publish the broker refused.
         self._suspects = collections.OrderedDict()
+        #: AMQP transactions committed, and the ops they carried (the mean
+        #: batch size of the group commit is their ratio).
+        self.transactions = 0
+        self.committed_ops = 0
 
     def submit(self, op):
         """Queue an ``IChannelOp``; any thread."""
@@ -232,6 +236,7 @@ class CommitQueue:
                     except gocept.amqprun.interfaces.CommitFailed as e:
                         failed, error = op, e
                         break
+                op_channel.flush()  # an error here: nothing committed
                 if failed is None:
                     committing = True
                     started = time.perf_counter()
@@ -251,6 +256,9 @@ class CommitQueue:
                       failed, error)
             failed.resolve(error)
             ops.remove(failed)
+        if seconds is not None:
+            self.transactions += 1
+            self.committed_ops += len(ops)
         for op in ops:
             if op.messages and self._is_suspect(op):
                 # Its publishes went through (a reject proves nothing).

@@ -68,6 +68,11 @@ UNAVAILABLE_QUEUE_TEXT = re.compile(r'due to timeout|nodedown|noproc', re.I)
 #: proposing none gets the protocol maximum, which is as good as none.
 ACCEPT_BROKER_HEARTBEAT = 65535
 
+#: Bytes one ``recv`` may take from the socket (see :func:`buffer_reads`);
+#: py-amqp copies what is left after each frame part, so not much more
+#: than a pass brings in.
+READ_CHUNK = 4096
+
 #: Seconds a synchronous broker call (``tx.commit``, ``close``) or a write
 #: may block when the connection has no usable heartbeat to bound it.
 MAX_IO_TIMEOUT = 60.0
@@ -311,6 +316,7 @@ def connect(parameters, node=None, on_blocked=None, on_unblocked=None):
     # the I/O thread forever, and heartbeat_tick() never runs meanwhile.
     # A live broker sends something at least every heartbeat interval.
     connection.transport.sock.settimeout(io_timeout(connection.heartbeat))
+    buffer_reads(connection.transport)
     return connection
 
 
@@ -368,6 +374,33 @@ def report_blocked_reason(connection, on_blocked):
     connection._callbacks[blocked] = on_blocked
 
 
+def buffer_reads(transport):
+    """Make py-amqp's TCP transport read the socket in chunks.
+
+    py-amqp reads each frame in three ``recv`` calls (header, payload,
+    end octet), nine for a delivery. Its ``_read`` keeps whatever ``recv``
+    returned beyond what it asked for in ``_read_buffer`` for the next
+    frame, so asking for a chunk makes it buffered. py-amqp internals
+    (``_quick_recv``, ``_read_buffer``; pinned in setup.py, checked by
+    ``test_connection``); TLS transports are left as they are. The reader
+    must then look at :func:`has_buffered_data` before waiting on the
+    socket.
+    """
+    if type(transport) is not amqp.transport.TCPTransport:
+        return
+    recv = transport.sock.recv
+
+    def chunked_recv(size):
+        return recv(max(size, READ_CHUNK))
+    transport._quick_recv = chunked_recv
+
+
+def has_buffered_data(connection):
+    """True when bytes read from the socket wait in py-amqp's buffer
+    (a ``select`` on the socket does not see them)."""
+    return bool(connection.transport._read_buffer)
+
+
 def io_timeout(heartbeat):
     """Seconds one blocking read or write may take on a connection.
 
@@ -391,28 +424,66 @@ def open_channel(connection):
 
 
 class OpChannel:
-    """The face of an AMQP channel that channel ops see."""
+    """The face of an AMQP channel that channel ops see.
+
+    The frames of the ops are collected and written in one go by
+    :meth:`flush`, which the commit queue calls before ``tx.commit`` (or
+    ``tx.rollback``): one write per transaction instead of one per ack and
+    per publish. Until then nothing of them is on the wire, which changes
+    nothing for the broker: it acts on a transaction at its commit.
+    """
 
     def __init__(self, channel):
         self._channel = channel
+        self._transport = channel.connection.transport
+        self._frames = []
 
     def basic_ack(self, delivery_tag):
         """Acknowledge a delivery (transactional)."""
-        self._channel.basic_ack(delivery_tag)
+        self._buffered(self._channel.basic_ack, delivery_tag)
 
     def basic_reject(self, delivery_tag, requeue):
         """Reject a delivery (transactional)."""
-        self._channel.basic_reject(delivery_tag, requeue)
+        self._buffered(self._channel.basic_reject, delivery_tag, requeue)
 
     def publish(self, message):
         """Publish a :class:`gocept.amqprun.message.Message`.
 
         Raises ``CommitFailed`` for a message that cannot be put on the wire
         (a header value AMQP has no type for, a routing key longer than 255
-        bytes): py-amqp encodes a frame completely before writing it, so the
-        connection is intact and only this op fails.
+        bytes): py-amqp encodes a frame completely before writing it, so
+        nothing of it is collected and only this op fails.
         """
-        publish(self._channel, message)
+        self._buffered(publish, self._channel, message)
+
+    def flush(self):
+        """Write the collected frames; connection errors propagate."""
+        if self._frames:
+            data = b''.join(self._frames)
+            self._frames = []
+            self._transport.write(data)
+
+    def _collect(self, data):
+        # py-amqp hands over a view of a buffer it reuses for the next
+        # frame: keep a copy.
+        self._frames.append(bytes(data))
+
+    def _buffered(self, method, *args, **kw):
+        """Call a channel method with the transport's writes collected.
+
+        py-amqp writes through ``transport._write`` (an internal, pinned
+        in setup.py and checked by ``test_connection``).
+        """
+        transport = self._transport
+        own = transport.__dict__.get('_write')
+        transport._write = self._collect
+        try:
+            method(*args, **kw)
+        finally:
+            if own is None:
+                del transport._write
+            else:
+                transport._write = own
 
 
 def publish(channel, message):

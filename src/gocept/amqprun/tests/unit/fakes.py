@@ -38,6 +38,7 @@ class FakeChannel:
         #: The refusal the next tx_commit/tx_rollback raises (as a broker
         #: closes the channel for a publish: the error comes later).
         self._refusal = None
+        self.connection = FakeWire()
 
     def _record(self, name, *args, **kw):
         self.calls.append((name,) + args + tuple(sorted(kw.items())))
@@ -332,9 +333,24 @@ class FakeSocket:
 
 
 class FakeTransport:
+    """py-amqp's transport: ``write`` goes through ``_write``; what reached
+    the socket is in ``sent``."""
 
     def __init__(self):
         self.sock = FakeSocket()
+        self._read_buffer = b''
+        self.sent = []
+        self._write = self.sent.append
+
+    def write(self, data):
+        self._write(data)
+
+
+class FakeWire:
+    """The connection of a FakeChannel: just its transport."""
+
+    def __init__(self):
+        self.transport = FakeTransport()
 
 
 class FakeAMQPConnection:

@@ -606,3 +606,12 @@ def test_consumer_timeout_is_not_taken_for_a_refused_publish(commits):
     assert isinstance(error_of(op), ConnectionLost)
     assert [channel.calls for channel in commits.broker.channels[2:]
             if 'tx_rollback' in channel.names] == []
+
+
+def test_committed_transactions_and_their_ops_are_counted(commits):
+    for tag in (1, 2):
+        commits.submit(Commit(delivered(tag), []))
+    run_pass(commits)
+    commits.submit(Commit(delivered(3), []))
+    run_pass(commits)
+    assert (commits.transactions, commits.committed_ops) == (2, 3)

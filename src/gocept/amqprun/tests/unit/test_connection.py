@@ -12,19 +12,23 @@ import amqp
 import amqp.exceptions
 import amqp.serialization
 import amqp.spec
+import amqp.transport
 import pytest
 import ZConfig
 
 import gocept.amqprun.config
 from gocept.amqprun.connection import DEFAULT_PORT
 from gocept.amqprun.connection import LOSS_REASONS
+from gocept.amqprun.connection import READ_CHUNK
 from gocept.amqprun.connection import ConnectionHistory
 from gocept.amqprun.connection import Node
 from gocept.amqprun.connection import OpChannel
 from gocept.amqprun.connection import Parameters
 from gocept.amqprun.connection import TLSTransport
+from gocept.amqprun.connection import buffer_reads
 from gocept.amqprun.connection import connect
 from gocept.amqprun.connection import describe
+from gocept.amqprun.connection import has_buffered_data
 from gocept.amqprun.connection import open_channel
 from gocept.amqprun.connection import parse_nodes
 from gocept.amqprun.connection import report_blocked_reason
@@ -39,6 +43,7 @@ from gocept.amqprun.message import Message
 from gocept.amqprun.server import Delivery
 from gocept.amqprun.tests.unit.fakes import FakeAMQPConnection
 from gocept.amqprun.tests.unit.fakes import FakeChannel
+from gocept.amqprun.tests.unit.fakes import FakeTransport
 
 
 def handler(queue='queue', routing_key='route', arguments=None):
@@ -538,3 +543,104 @@ def test_history_counts_losses_by_reason(error, reason):
     assert reason in LOSS_REASONS
     assert history.losses == {reason: 1}
     assert history.last_loss is loss
+
+
+class ChunkSocket:
+    """Hands out ``data`` in pieces of at most the size asked for."""
+
+    def __init__(self, data):
+        self.data = data
+        self.sizes = []
+
+    def recv(self, size):
+        self.sizes.append(size)
+        chunk, self.data = self.data[:size], self.data[size:]
+        return chunk
+
+    def sendall(self, data):
+        raise AssertionError('nothing is written')
+
+    def getsockname(self):
+        return ('127.0.0.1', 1)
+
+    def getpeername(self):
+        return ('127.0.0.1', 1)
+
+
+def heartbeat_frames(count):
+    return b''.join(struct.pack('>BHI', 8, 0, 0) + b'\xce'
+                    for _ in range(count))
+
+
+def test_buffered_reads_take_several_frames_with_one_recv():
+    # Fails loudly when py-amqp's TCPTransport internals change (the
+    # version range in setup.py pins them): _quick_recv, _read_buffer.
+    transport = amqp.transport.TCPTransport('127.0.0.1:1')
+    transport.sock = ChunkSocket(heartbeat_frames(3))
+    transport._setup_transport()
+    buffer_reads(transport)
+    connection = FakeAMQPConnection()
+    connection.transport = transport
+    assert transport.read_frame() == (8, 0, b'')
+    assert has_buffered_data(connection)
+    assert transport.read_frame() == (8, 0, b'')
+    assert transport.read_frame() == (8, 0, b'')
+    assert not has_buffered_data(connection)
+    assert transport.sock.sizes == [READ_CHUNK]
+
+
+def test_buffered_reads_leave_other_transports_alone():
+    transport = FakeTransport()
+    buffer_reads(transport)
+    assert not hasattr(transport, '_quick_recv')
+
+
+class WritingChannel(FakeChannel):
+    """Writes each ack as py-amqp does: a view of a buffer it reuses."""
+
+    def __init__(self):
+        super().__init__()
+        self._buffer = bytearray(1)
+
+    def basic_ack(self, delivery_tag):
+        super().basic_ack(delivery_tag)
+        self._buffer[0] = delivery_tag
+        self.connection.transport.write(memoryview(self._buffer))
+
+
+def test_op_channel_writes_the_frames_of_its_ops_at_flush_in_one_go():
+    channel = WritingChannel()
+    op_channel = OpChannel(channel)
+    op_channel.basic_ack(1)
+    op_channel.basic_ack(2)
+    assert channel.connection.transport.sent == []
+    op_channel.flush()
+    op_channel.flush()
+    assert channel.connection.transport.sent == [b'\x01\x02']
+
+
+def test_op_channel_restores_the_transport_when_a_method_fails():
+    channel = FakeChannel(basic_ack=OSError('gone'))
+    transport = channel.connection.transport
+    own = transport._write
+    with pytest.raises(OSError):
+        OpChannel(channel).basic_ack(1)
+    assert transport._write == own
+
+
+def test_op_channel_collects_what_py_amqp_transport_writes():
+    # Fails loudly when py-amqp's TCPTransport stops writing through its
+    # _write attribute (version range pinned in setup.py).
+    sent = []
+    transport = amqp.transport.TCPTransport('127.0.0.1:1')
+    transport.sock = ChunkSocket(b'')
+    transport.sock.sendall = sent.append
+    transport._setup_transport()
+    channel = FakeChannel()
+    channel.connection.transport = transport
+    op_channel = OpChannel(channel)
+    op_channel._buffered(transport.write, memoryview(b'frame'))
+    assert sent == []
+    op_channel.flush()
+    assert sent == [b'frame']
+    assert transport._write == transport.sock.sendall

@@ -5,6 +5,7 @@ The server is put into a "connected" state with FakeChannels (and, for
 wake-up pipe is the only file descriptor involved.
 """
 import logging
+import os
 import select
 import socket
 import ssl
@@ -45,6 +46,7 @@ from gocept.amqprun.tests.unit.fakes import FakeAMQPMessage
 from gocept.amqprun.tests.unit.fakes import FakeBroker
 from gocept.amqprun.tests.unit.fakes import FakeChannel
 from gocept.amqprun.tests.unit.fakes import FakeServer
+from gocept.amqprun.tests.unit.fakes import FakeTransport
 from gocept.amqprun.tests.unit.fakes import close_server
 from gocept.amqprun.tests.unit.fakes import error_of
 from gocept.amqprun.tests.unit.fakes import outgoing_message
@@ -61,6 +63,7 @@ class FakeConnection:
     def __init__(self, close_error=None):
         self.close_error = close_error
         self.calls = []
+        self.transport = FakeTransport()
 
     def close(self):
         self.calls.append('close')
@@ -155,9 +158,36 @@ def test_every_submit_after_a_drain_wakes_the_loop_again(unconnected):
 
 def test_wake_survives_a_full_pipe(unconnected):
     for _ in range(100000 // 4096 + 50):
+        unconnected._wake_pending = False  # as if racing wake-ups
         unconnected._wake()
         unconnected._wake()
     unconnected._drain_wake_pipe()
+
+
+def test_wake_ups_before_a_drain_write_one_byte(unconnected):
+    for _ in range(3):
+        unconnected.submit(Commit(None, []))
+    assert os.read(unconnected._wake_r, 4096) == b'!'
+
+
+def test_submit_between_drain_read_and_commit_is_seen_by_the_next_pass(
+        unconnected):
+    # The loop drains the pipe, then looks at the op queue: an op submitted
+    # before the drain finished must not wait for the poll timeout.
+    unconnected.submit(Commit(None, []))
+    os.read(unconnected._wake_r, 4096)  # the loop's read ...
+    late = Commit(None, [])
+    unconnected.submit(late)  # ... a worker's submit, no write needed ...
+    unconnected._wake_pending = False  # ... the rest of the drain
+    assert unconnected.commits.poll_timeout(1.0) == 0
+    assert late in unconnected.commits._ops
+
+
+def test_submit_after_the_drain_wakes_the_loop(unconnected):
+    unconnected.submit(Commit(None, []))
+    unconnected._drain_wake_pipe()
+    unconnected.submit(Commit(None, []))
+    assert select.select([unconnected._wake_r], [], [], 0)[0]
 
 
 def test_send_outside_handler_publishes_nothing_on_abort(unconnected):
@@ -330,6 +360,25 @@ def test_poll_timeout_is_zero_with_pending_ops(server):
 
 def test_poll_timeout_is_poll_interval_when_idle(server):
     assert server._poll_timeout() == server.poll_interval
+
+
+def test_heartbeat_tick_runs_once_per_quarter_interval(server):
+    ticks = []
+    server.connection.heartbeat = 4
+    server.connection.heartbeat_tick = lambda: ticks.append(True)
+    for now in (100, 100.5, 100.99, 101, 101.5, 102):
+        server._tick_heartbeat(now)
+    assert len(ticks) == 3
+
+
+def test_heartbeat_tick_is_skipped_without_heartbeat(server):
+    server.connection.heartbeat_tick = None  # would fail if called
+    server._tick_heartbeat(100)
+
+
+def test_poll_timeout_is_zero_with_frames_in_the_read_buffer(server):
+    server.connection.transport._read_buffer = b'\x01'
+    assert server._poll_timeout() == 0
 
 
 def test_poll_timeout_follows_the_heartbeat(server):
