@@ -21,6 +21,7 @@ The life of one message, module by module:
 ``interfaces`` holds every contract; read it first. Wiring: ``config``
 (ZConfig), ``zcml`` (directives), ``process`` (stop requests, exit status),
 ``main`` (the ``server`` script). Features built on the core:
-``writefiles``, ``readfiles``, ``summary``, ``send``, ``security``;
+``writefiles``, ``readfiles``, ``summary``, ``metrics`` (with
+``status``, the ``amqprun-status`` script), ``send``, ``security``;
 ``testing`` helps users test their handlers.
 """
