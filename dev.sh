@@ -16,7 +16,9 @@
 # runs pytest alone, for quick targeted runs; COVERAGE=1 (or CI=true)
 # measures those too (report only: a part proves no threshold), COVERAGE=0
 # never measures. The exit status is pytest's when tests fail, else the
-# coverage report's (2 below the threshold).
+# coverage report's (2 below the threshold). Without ARGS the docs are
+# built afterwards too (as `./dev.sh docs`); a docs build that fails fails
+# the run.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -80,7 +82,14 @@ run_tests() {
     if [ "$status" = 0 ]; then
         status=$report_status
     fi
-    exit "$status"
+    return "$status"
+}
+
+build_docs() {
+    install_venv docs
+    rm -rf docs/_build
+    "$VENV/bin/sphinx-build" -W -q -b html docs docs/_build/html
+    "$VENV/bin/sphinx-build" -W -q -b doctest docs docs/_build/doctest
 }
 
 command=${1:-}
@@ -95,15 +104,24 @@ case "$command" in
         install_system_packages
         install_venv
         export PATH="$PWD/$VENV/bin:$PATH"
-        run_tests "$@"
+        if [ $# -gt 0 ]; then
+            run_tests "$@"
+            exit 0
+        fi
+        # The whole suite: the tests, then the docs (warnings are errors,
+        # their examples run as doctests), so that the docs stay true.
+        status=0
+        run_tests || status=$?
+        if ! build_docs; then
+            echo "dev.sh: the documentation does not build" >&2
+            [ "$status" != 0 ] || status=1
+        fi
+        exit "$status"
         ;;
     docs)
         "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
             || install_system_packages
-        install_venv docs
-        rm -rf docs/_build
-        "$VENV/bin/sphinx-build" -W -q -b html docs docs/_build/html
-        "$VENV/bin/sphinx-build" -W -q -b doctest docs docs/_build/doctest
+        build_docs
         echo "dev.sh: the documentation is in docs/_build/html/index.html"
         ;;
     bench)
@@ -112,7 +130,7 @@ case "$command" in
         PATH="$PWD/$VENV/bin:$PATH" exec "$VENV/bin/python" bench/throughput.py "$@"
         ;;
     *)
-        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac
