@@ -308,6 +308,9 @@ def test_rolling_restart_of_all_nodes_answers_every_message(
             wait_until_replicated(amqp_cluster, cluster_vhost)
     finally:
         producer.stop()
+        for node in amqp_cluster.nodes:
+            if not node.is_running:
+                node.start()
     assert producer.error is None, producer.error
     bodies = producer.bodies[:producer.confirmed]
     assert len(bodies) > 100
