@@ -226,6 +226,14 @@ def kill_and_wait_for_failover(cluster, daemon, replies, connections):
     return victim, time.monotonic() - killed
 
 
+def start_stopped_nodes(cluster):
+    """Start the nodes a failed test left stopped: tests leave all running.
+    """
+    for node in cluster.nodes:
+        if not node.is_running:  # pragma: no cover (after a failure only)
+            node.start()
+
+
 @pytest.mark.cluster
 def test_kill_9_of_the_daemons_node_under_load_loses_no_message(
         amqp_cluster, cluster_vhost, cluster_daemon):
@@ -243,10 +251,12 @@ def test_kill_9_of_the_daemons_node_under_load_loses_no_message(
     producers = [Producer([third, first, second], cluster_vhost, part,
                           'faults.quorum')
                  for part in (bodies[:half], bodies[half:])]
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(start_stopped_nodes, amqp_cluster)
         daemon = cluster_daemon()
         assert connected_node(amqp_cluster, daemon, 1) is first
         producers[0].start()
+        cleanup.callback(producers[0].stop)
         replies.wait_for_count(300, 60)
         victim, failover = kill_and_wait_for_failover(
             amqp_cluster, daemon, replies, 1)
@@ -254,6 +264,7 @@ def test_kill_9_of_the_daemons_node_under_load_loses_no_message(
         first.start()
         wait_until_replicated(amqp_cluster, cluster_vhost)
         producers[1].start()
+        cleanup.callback(producers[1].stop)
         replies.wait_for_count(half + 300, 60)
         victim, second_failover = kill_and_wait_for_failover(
             amqp_cluster, daemon, replies, 2)
@@ -263,13 +274,6 @@ def test_kill_9_of_the_daemons_node_under_load_loses_no_message(
             producer.finish()
         replies.wait_for(bodies, 60)
         replies.drain(0.5)  # late copies
-    finally:
-        for producer in producers:
-            if producer.is_alive():
-                producer.stop()
-        for node in amqp_cluster.nodes:
-            if not node.is_running:
-                node.start()
     in_doubt = producers[0].in_doubt | producers[1].in_doubt
     duplicates, flagged = replies.check(bodies, in_doubt)
     print('failover after kill -9: %.1f s and %.1f s; %d duplicates, %d '
@@ -298,20 +302,16 @@ def test_rolling_restart_of_all_nodes_answers_every_message(
     producer = Producer([third, second, first], cluster_vhost,
                         numbered(10000), 'faults.quorum', interval=0.05)
     daemon = cluster_daemon()
-    producer.start()
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(start_stopped_nodes, amqp_cluster)
+        producer.start()
+        cleanup.callback(producer.stop)
         for node in amqp_cluster.nodes:
             node.restart()
             wait_for(lambda: len(amqp_cluster.running_nodes()) == 3, 60,
                      interval=0.5,
                      message='%s did not rejoin' % node.nodename)
             wait_until_replicated(amqp_cluster, cluster_vhost)
-    finally:
-        producer.stop()
-        for node in amqp_cluster.nodes:
-            if not node.is_running:
-                node.start()
-    assert producer.error is None, producer.error
     bodies = producer.bodies[:producer.confirmed]
     assert len(bodies) > 100
     replies = Replies(third, cluster_vhost, REPLY_KEY,
