@@ -273,7 +273,10 @@ def connect(parameters, node=None, on_blocked=None, on_unblocked=None):
 
     Raises ``AccessRefused`` (fatal) when the broker rejects credentials or
     virtual host and ``TLSError`` (fatal) when the TLS handshake fails;
-    network errors propagate as ``OSError`` and friends.
+    network errors propagate as ``OSError`` and friends. A TLS connection
+    the broker resets or closes while it is being opened is a
+    ``ConnectionResetError`` that names the likely cause (a client
+    certificate the broker requires or refuses).
     """
     node = parameters.nodes[0] if node is None else node
     tls = parameters.tls_context
@@ -308,6 +311,18 @@ def connect(parameters, node=None, on_blocked=None, on_unblocked=None):
     except amqp.exceptions.ConnectionForced as e:
         connection.collect()
         raise ConnectionRefusedError(str(e)) from e
+    except (OSError, EOFError) as e:
+        connection.collect()
+        if tls is None or not closed_while_opening(e):
+            raise
+        # Under TLS 1.3 a broker checks the client certificate after our
+        # side of the handshake is done; its refusal may reach us as a
+        # mere reset or EOF. Still a network error (a node going down
+        # looks the same), but the operator learns what to check.
+        raise ConnectionResetError(
+            '%s; the broker at %s closed the TLS connection while it was '
+            'being opened: %s' % (describe(e), node, CLIENT_CERTIFICATE_HINT)
+        ) from e
     except BaseException:
         connection.collect()  # no half-open socket is left behind
         raise
@@ -343,12 +358,38 @@ class TLSTransport(amqp.transport.SSLTransport):
             do_handshake_on_connect=False)
 
 
+def closed_while_opening(error):
+    """True for an error meaning the peer closed the connection: a reset,
+    a broken pipe, an EOF, py-amqp's ``OSError('Server unexpectedly
+    closed connection')`` (no errno) -- not a refused connect or a
+    timeout."""
+    return isinstance(error, (ConnectionResetError, BrokenPipeError,
+                              EOFError)) or (
+        type(error) is OSError and error.errno is None)
+
+
+#: The likely cause of a TLS connection that ends without a word.
+CLIENT_CERTIFICATE_HINT = (
+    'does it require a client certificate (ssl_cert_file, ssl_key_file), '
+    'or refuse ours?')
+
+
 def describe_tls_error(error):
     """Why a TLS handshake failed, in words an operator can act on."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return 'the certificate does not verify (%s)' % (
             error.verify_message or error.reason)
+    if isinstance(error, ssl.SSLEOFError):
+        # TLS 1.3: the broker refused our (missing) client certificate
+        # after the handshake and closed before we read its alert.
+        return '%s: the broker closed the connection during the ' \
+            'handshake; %s' % (describe(error), CLIENT_CERTIFICATE_HINT)
     reason = getattr(error, 'reason', None) or describe(error)
+    if 'HANDSHAKE_FAILURE' in reason:
+        # TLS 1.2 answers a missing client certificate so.
+        return '%s: no TLS version or cipher in common, or the broker ' \
+            'requires a client certificate (ssl_cert_file, ssl_key_file)' \
+            % reason
     if reason in ('WRONG_VERSION_NUMBER', 'UNKNOWN_PROTOCOL',
                   'RECORD_LAYER_FAILURE', 'PACKET_LENGTH_TOO_LONG',
                   'HTTP_REQUEST'):

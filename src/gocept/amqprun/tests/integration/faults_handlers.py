@@ -56,6 +56,18 @@ def numbers(message):
     return [reply_to(message)]
 
 
+#: The arguments of a quorum queue (replicated over the cluster's nodes).
+QUORUM = {'x-queue-type': 'quorum'}
+
+
+@gocept.amqprun.handler.declare('faults.quorum', 'faults.quorum',
+                                arguments=QUORUM)
+def quorum(message):
+    """Replies at once; its queue is a quorum queue (the cluster tests)."""
+    _record(message)
+    return [reply_to(message)]
+
+
 @gocept.amqprun.handler.declare('faults.poison', 'faults.poison')
 def poison(message):
     """Fails for bodies ending with ``:poison``, replies to the others."""

@@ -361,6 +361,75 @@ def test_a_refused_client_certificate_names_the_files_to_check(fake_amqp):
         connect(Parameters(ssl=True))
 
 
+def test_a_tls_eof_during_the_handshake_names_the_client_certificate(
+        fake_amqp):
+    # TLS 1.3: the broker refuses a missing client certificate after our
+    # side of the handshake and may close before we read its alert.
+    fake_amqp.connect_errors = [ssl.SSLEOFError(
+        8, 'EOF occurred in violation of protocol (_ssl.c:2427)')]
+    with pytest.raises(TLSError) as info:
+        connect(Parameters(hostname='rabbit', ssl=True))
+    assert str(info.value) == (
+        'TLS handshake with the AMQP broker at rabbit:5671 failed: '
+        'SSLEOFError: EOF occurred in violation of protocol (_ssl.c:2427): '
+        'the broker closed the connection during the handshake; does it '
+        'require a client certificate (ssl_cert_file, ssl_key_file), or '
+        'refuse ours?')
+
+
+def test_a_tls_handshake_failure_names_the_client_certificate(fake_amqp):
+    # What TLS 1.2 answers a client without the certificate required.
+    error = ssl.SSLError(1, '[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] alert')
+    error.reason = 'SSLV3_ALERT_HANDSHAKE_FAILURE'
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(TLSError, match='failed: SSLV3_ALERT_HANDSHAKE_'
+                       'FAILURE: no TLS version or cipher in common, or '
+                       r'the broker requires a client certificate \('
+                       'ssl_cert_file, ssl_key_file'):
+        connect(Parameters(ssl=True))
+
+
+@pytest.mark.parametrize('error', [
+    ConnectionResetError(104, 'Connection reset by peer'),
+    BrokenPipeError(32, 'Broken pipe'),
+    EOFError(),
+    OSError('Server unexpectedly closed connection'),
+], ids=['reset', 'pipe', 'eof', 'closed'])
+def test_a_tls_connection_closed_while_opening_names_the_likely_cause(
+        fake_amqp, error):
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(ConnectionResetError) as info:
+        connect(Parameters(hostname='rabbit', ssl=True))
+    message = str(info.value)
+    assert message.startswith(describe(error) + '; ')
+    assert 'the broker at rabbit:5671 closed the TLS connection while it ' \
+        'was being opened: does it require a client certificate ' \
+        '(ssl_cert_file, ssl_key_file), or refuse ours?' in message
+    assert info.value.__cause__ is error
+    assert fake_amqp.instances[0].calls == ['connect', 'collect']
+
+
+@pytest.mark.parametrize('error', [
+    ConnectionRefusedError(111, 'Connection refused'),
+    TimeoutError('timed out'),
+    OSError(113, 'No route to host'),
+], ids=['refused', 'timeout', 'unreachable'])
+def test_a_tls_connect_that_never_reached_the_broker_propagates(
+        fake_amqp, error):
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(OSError) as info:
+        connect(Parameters(ssl=True))
+    assert info.value is error
+
+
+def test_a_plain_connection_reset_propagates_as_it_is(fake_amqp):
+    error = ConnectionResetError(104, 'Connection reset by peer')
+    fake_amqp.connect_errors = [error]
+    with pytest.raises(ConnectionResetError) as info:
+        connect(Parameters())
+    assert info.value is error
+
+
 def test_other_tls_errors_give_their_reason(fake_amqp):
     fake_amqp.connect_errors = [ssl.SSLError(1, 'odd')]
     with pytest.raises(TLSError, match='failed: SSLError: .*odd'):
