@@ -8,6 +8,7 @@ import ZConfig
 
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
+import gocept.amqprun.parameters
 
 
 SCHEMA = os.path.join(os.path.dirname(__file__), 'schema.xml')
@@ -32,7 +33,7 @@ def broker_nodes(value):
     """Datatype: one or more ``host[:port]`` entries (spaces or commas);
     the text is kept, :class:`gocept.amqprun.connection.Parameters` parses
     it."""
-    gocept.amqprun.connection.parse_nodes(value, 5672)
+    gocept.amqprun.parameters.parse_nodes(value, 5672)
     return value
 
 

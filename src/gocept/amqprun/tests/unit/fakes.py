@@ -12,6 +12,7 @@ import amqp.exceptions
 import zope.interface
 
 import gocept.amqprun.connection
+import gocept.amqprun.parameters
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
 import gocept.amqprun.server
@@ -177,7 +178,7 @@ class FakeServer:
     running = True
     blocked = None
     node = 'localhost:5672'
-    max_message_size = gocept.amqprun.connection.DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size = gocept.amqprun.parameters.DEFAULT_MAX_MESSAGE_SIZE
 
     def __init__(self, outcomes=()):
         self.channel = FakeChannel()
