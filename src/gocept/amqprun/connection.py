@@ -418,7 +418,8 @@ class ScratchChannel:
         at, reason = self._missing.get(name, (None, None))
         if at is None or now - at >= self.recheck_missing:
             try:
-                self._open().exchange_declare(name, 'topic', passive=True)
+                self._open().exchange_declare(
+                    exchange=name, type='topic', passive=True)
             except amqp.exceptions.ChannelError as e:
                 self._refused()
                 at, reason = self._missing[name] = (now, e)

@@ -83,11 +83,8 @@ class FakeChannel:
         self._record('tx_rollback')
         self._raise_refusal()
 
-    def exchange_declare(self, *args, **kw):
-        """Records the call as it was made (topology declares by keyword,
-        the scratch channel checks positionally)."""
-        self._record('exchange_declare', *args, **kw)
-        exchange = args[0] if args else kw['exchange']
+    def exchange_declare(self, exchange, **kw):
+        self._record('exchange_declare', exchange=exchange, **kw)
         if self.broker is not None and exchange in self.broker.missing:
             raise amqp.exceptions.NotFound(
                 "NOT_FOUND - no exchange '%s' in vhost '/'" % exchange)

@@ -582,10 +582,10 @@ def test_connection_lost_while_checking_exchanges(commits):
     scratch = commits.scratch._open()
     original = scratch.exchange_declare
 
-    def declare(exchange, type, passive=False):
+    def declare(exchange, **kw):
         if exchange == 'other':
             raise ConnectionResetError('reset')
-        original(exchange, type, passive)
+        original(exchange=exchange, **kw)
     scratch.exchange_declare = declare
     with pytest.raises(ConnectionResetError):
         run_pass(commits)
