@@ -269,6 +269,9 @@ RETURNED = 'returned'
 IN_DOUBT = 'in-doubt'
 OUTCOMES = (HANDLED, RETRIED, DEAD_LETTERED, ERROR_HANDLED, RETURNED,
             IN_DOUBT)
+#: The outcomes an operator counts as failed (the exit summary,
+#: ``amqprun-status``).
+FAILED_OUTCOMES = (RETRIED, DEAD_LETTERED, RETURNED)
 
 
 class IMessageHandled(zope.interface.Interface):

@@ -34,11 +34,6 @@ from gocept.amqprun.connection import describe
 
 log = logging.getLogger(__name__)
 
-#: Outcomes the one-line status counts as failed (as the exit summary).
-FAILED = (gocept.amqprun.interfaces.RETRIED,
-          gocept.amqprun.interfaces.DEAD_LETTERED,
-          gocept.amqprun.interfaces.RETURNED)
-
 #: Buckets of the handling and commit durations, in seconds.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1, 2.5, 5, 10, 30, 60)
@@ -298,7 +293,7 @@ class Metrics:
         document.update(
             node=self.health.node(),
             handled=self.count((gocept.amqprun.interfaces.HANDLED,)),
-            failed=self.count(FAILED),
+            failed=self.count(gocept.amqprun.interfaces.FAILED_OUTCOMES),
             backlog=self.health.server.tasks.qsize())
         return ready, document
 

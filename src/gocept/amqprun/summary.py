@@ -40,10 +40,8 @@ class MessageTally:
         """One line: how many messages ended in which outcome."""
         with self._lock:
             counts = dict(self.counts)
-        failed = sum(counts.get(outcome, 0) for outcome in (
-            gocept.amqprun.interfaces.RETRIED,
-            gocept.amqprun.interfaces.DEAD_LETTERED,
-            gocept.amqprun.interfaces.RETURNED))
+        failed = sum(counts.get(outcome, 0) for outcome in
+                     gocept.amqprun.interfaces.FAILED_OUTCOMES)
         return ('handled %d, failed %d (retried %d, dead-lettered %d, '
                 'returned %d), error-handled %d, in-doubt %d' % (
                     counts.get(gocept.amqprun.interfaces.HANDLED, 0), failed,
