@@ -17,6 +17,7 @@ import time
 import transaction
 
 import gocept.amqprun.channelops
+import gocept.amqprun.datamanager
 import gocept.amqprun.interfaces
 import gocept.amqprun.process
 import gocept.amqprun.retry
@@ -249,7 +250,7 @@ class Worker(threading.Thread):
             [policy.dead_letter(message, error_text, attempts)])
         self.server.submit(op)
         try:
-            op.wait(60)
+            op.wait(gocept.amqprun.datamanager.COMMIT_TIMEOUT)
         except gocept.amqprun.interfaces.AMQPRunError:
             log.error('Could not dead-letter message %s',
                       message.header.message_id, exc_info=True)
