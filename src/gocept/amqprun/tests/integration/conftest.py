@@ -11,6 +11,7 @@ import pytest
 import gocept.amqprun.testing
 from gocept.amqprun.tests.integration import faults_handlers
 from gocept.amqprun.tests.integration.faults_proxy import FaultProxy
+from gocept.amqprun.tests.integration.faults_tally import Replies
 
 
 @pytest.fixture
@@ -54,3 +55,12 @@ def restartable_broker(amqp_broker, amqp_vhost):
         yield broker, broker.create_vhost()
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def replies(request, amqp_broker, amqp_vhost):
+    """An independent client counting what arrives on the test module's
+    ``REPLY_KEY``."""
+    client = Replies(amqp_broker, amqp_vhost, request.module.REPLY_KEY)
+    yield client
+    client.close()

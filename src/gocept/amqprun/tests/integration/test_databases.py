@@ -12,7 +12,7 @@ import sqlalchemy
 import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration import database_handlers
-from gocept.amqprun.tests.integration.database_handlers import REPLY_KEY
+from gocept.amqprun.tests.integration.database_handlers import REPLY_KEY  # noqa: F401,E501 (read by the replies fixture)
 from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import numbered
 from gocept.amqprun.tests.integration.faults_tally import publish
@@ -30,14 +30,6 @@ def forget_failures():
     del database_handlers.calls[:]
     yield
     database_handlers.state.clear()
-
-
-@pytest.fixture
-def replies(amqp_broker, amqp_vhost):
-    """An independent client counting what arrives on ``REPLY_KEY``."""
-    client = Replies(amqp_broker, amqp_vhost, REPLY_KEY)
-    yield client
-    client.close()
 
 
 @pytest.fixture

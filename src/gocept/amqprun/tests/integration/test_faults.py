@@ -110,14 +110,6 @@ def daemon(tmp_path, clean_registry):
 
 
 @pytest.fixture
-def replies(amqp_broker, amqp_vhost):
-    """An independent client counting what arrives on ``REPLY_KEY``."""
-    client = Replies(amqp_broker, amqp_vhost, REPLY_KEY)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def processes():
     """Factory for ``server`` subprocesses; any still running is killed."""
     started = []
