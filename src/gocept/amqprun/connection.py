@@ -22,6 +22,7 @@ import amqp.spec
 import amqp.transport
 
 import gocept.amqprun.interfaces
+import gocept.amqprun.message
 from gocept.amqprun.parameters import Parameters  # noqa: F401 (public name)
 
 
@@ -349,13 +350,6 @@ def publish(channel, message):
             'Cannot publish %r: %s' % (message, describe(e))) from e
 
 
-def describe_publish(message):
-    """``message <id> to exchange 'x' with routing key 'k'`` for errors."""
-    return 'message %s to exchange %r with routing key %r' % (
-        message.header.message_id, message.exchange,
-        message.routing_key or '')
-
-
 def refusal(message, error):
     """The error for ``message`` when the broker closed a channel with
     ``error`` because of it.
@@ -368,7 +362,7 @@ def refusal(message, error):
             if isinstance(error, amqp.exceptions.AccessRefused)
             else gocept.amqprun.interfaces.PublishRefused)
     return kind('The broker refused %s: %s' % (
-        describe_publish(message), describe(error)))
+        gocept.amqprun.message.describe_publish(message), describe(error)))
 
 
 class ScratchChannel:

@@ -140,16 +140,21 @@ def redelivery_key(message):
         (message.routing_key, message.body))
 
 
+def describe_publish(message):
+    """``message <id> to exchange 'x' with routing key 'k'`` for errors."""
+    return 'message %s to exchange %r with routing key %r' % (
+        message.header.message_id, message.exchange,
+        message.routing_key or '')
+
+
 def check_size(message, limit):
     """Raise ``PublishRefused`` when the body of ``message`` is larger
     than ``limit`` bytes (0: no limit), as the broker would."""
     size = len(message.body or b'')
     if limit and size > limit:
         raise gocept.amqprun.interfaces.PublishRefused(
-            'Cannot publish message %s to exchange %r with routing key %r: '
-            'its body is %d bytes, above max_message_size %d' % (
-                message.header.message_id, message.exchange,
-                message.routing_key or '', size, limit))
+            'Cannot publish %s: its body is %d bytes, above '
+            'max_message_size %d' % (describe_publish(message), size, limit))
 
 
 @zope.interface.implementer(gocept.amqprun.interfaces.IMessage)
