@@ -19,6 +19,7 @@ import zope.interface
 import zope.interface.verify
 
 import gocept.amqprun.interfaces
+import gocept.amqprun.message
 import gocept.amqprun.process
 from gocept.amqprun.readfiles import Maildir
 from gocept.amqprun.readfiles import MaildirReader
@@ -48,6 +49,8 @@ class FakeSender:
     def send(self, message):
         if self.on_send is not None:
             self.on_send(message)
+        # As the real session does (ISender.send).
+        gocept.amqprun.message.check_size(message, self.max_message_size)
         transaction.get().join(FakeAMQPDataManager(self, message))
 
 
