@@ -34,8 +34,7 @@ import tempfile
 import time
 import uuid
 
-from gocept.amqprun.testing.processes import free_ports
-from gocept.amqprun.testing.processes import has_exited
+from gocept.amqprun.testing import processes
 
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,6 @@ POSTGRESQL_BINARIES = '/usr/lib/postgresql/*/bin'
 SYSTEM_USER = 'postgres'
 SUPERUSER = 'postgres'
 START_TIMEOUT = 60
-STOP_TIMEOUT = 20
-POLL_INTERVAL = 0.1
 
 
 def find_binaries():
@@ -127,24 +124,13 @@ class PostgreSQLServer:
 
     def stop(self):
         """Fast shutdown (SIGINT: clients are disconnected, open
-        transactions roll back), SIGKILL after 20 s; remove the cluster.
-        Calling it again does nothing."""
+        transactions roll back), SIGKILL to its process group after
+        ``processes.STOP_TIMEOUT``; remove the cluster. Calling it again
+        does nothing."""
         atexit.unregister(self.stop)
         if self._process is not None:
             process, self._process = self._process, None
-            if not has_exited(process):
-                os.kill(process.pid, signal.SIGINT)
-                try:
-                    process.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    log.warning('PostgreSQL (pid %d) ignored SIGINT for %s '
-                                's, killing it', process.pid, STOP_TIMEOUT)
-            # Its own session: this also ends children left behind.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
+            processes.terminate([(process, 'PostgreSQL')], signal.SIGINT)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
@@ -182,12 +168,8 @@ class PostgreSQLServer:
     def _socket(self):
         return os.path.join(self.directory, 'socket')
 
-    @property
-    def _log_path(self):
-        return os.path.join(self.directory, 'postgresql.log')
-
     def _start_server(self, deadline):
-        [self.port] = free_ports(1)
+        [self.port] = processes.free_ports(1)
         command = [
             os.path.join(self._bin, 'postgres'), '-D', self._data,
             '-p', str(self.port),
@@ -198,18 +180,12 @@ class PostgreSQLServer:
             # A test cluster: durability against power loss buys nothing.
             '-c', 'fsync=off', '-c', 'synchronous_commit=off',
             '-c', 'full_page_writes=off']
-        with open(self._log_path, 'ab') as output:
-            self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                **self._as_user())
+        self._process = processes.spawn(
+            command, self.directory, 'postgresql.log', **self._as_user())
         while not self._ready():
-            if has_exited(self._process):
-                raise self._failure('PostgreSQL (pid %d) exited early'
-                                    % self._process.pid)
-            if time.monotonic() > deadline:
-                raise self._failure('PostgreSQL did not start in time')
-            time.sleep(POLL_INTERVAL)
+            processes.check_progress([(self._process, 'PostgreSQL')],
+                                     deadline, 'PostgreSQL', self.directory)
+            time.sleep(processes.POLL_INTERVAL)
 
     def _ready(self):
         result = subprocess.run(
@@ -235,14 +211,6 @@ class PostgreSQLServer:
         if os.getuid() != 0:
             return {}
         return dict(user=SYSTEM_USER, group=SYSTEM_USER, extra_groups=[])
-
-    def _failure(self, reason):
-        try:
-            with open(self._log_path, errors='replace') as f:
-                tail = ''.join(f.readlines()[-40:])
-        except OSError:
-            tail = '(no log written)'
-        return RuntimeError('%s\n%s' % (reason, tail))
 
 
 _server = None

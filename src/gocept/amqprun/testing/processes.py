@@ -93,12 +93,13 @@ def clean_environment(**variables):
     return env
 
 
-def spawn(command, directory, output_name, env=None):
+def spawn(command, directory, output_name, env=None, **options):
     """Start `command` in `directory` in its own session; return the Popen.
 
     Output goes to ``log/<output_name>`` in `directory`. Its own session
     (and so process group) keeps a Ctrl-C in the terminal away from it and
-    lets :func:`terminate` kill its children.
+    lets :func:`terminate` kill its children. `options` go to ``Popen``
+    (e.g. ``user`` to run it as another user).
     """
     log_directory = os.path.join(directory, 'log')
     os.makedirs(log_directory, exist_ok=True)
@@ -106,7 +107,7 @@ def spawn(command, directory, output_name, env=None):
         process = subprocess.Popen(
             command, env=clean_environment() if env is None else env,
             cwd=directory, stdin=subprocess.DEVNULL, stdout=output,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, start_new_session=True, **options)
     log.debug('Started %s as pid %d', command[0], process.pid)
     return process
 
@@ -200,10 +201,10 @@ def wait_for_exit(process, timeout):
     return has_exited(process)
 
 
-def terminate(processes):
+def terminate(processes, signum=signal.SIGTERM):
     """Stop `processes` (pairs of Popen and name) together; reap them.
 
-    Each gets SIGTERM at once, then all share a grace period of
+    Each gets `signum` at once, then all share a grace period of
     :data:`STOP_TIMEOUT` seconds; afterwards SIGKILL goes to each one's
     whole process group (its id is the pid, as each leads its own
     session), which removes any child left behind, such as Erlang's port
@@ -211,12 +212,13 @@ def terminate(processes):
     """
     for process, name in processes:
         if not has_exited(process):
-            send_signal(process.pid, signal.SIGTERM)
+            send_signal(process.pid, signum)
     deadline = time.monotonic() + STOP_TIMEOUT
     for process, name in processes:
         if not wait_for_exit(process, max(0, deadline - time.monotonic())):
-            log.warning('%s (pid %d) ignored SIGTERM for %s s, killing it',
-                        name, process.pid, STOP_TIMEOUT)
+            log.warning('%s (pid %d) ignored %s for %s s, killing it',
+                        name, process.pid, signal.Signals(signum).name,
+                        STOP_TIMEOUT)
         send_signal(-process.pid, signal.SIGKILL)
         process.wait()
         log.debug('%s (pid %d) exited with %s', name, process.pid,
