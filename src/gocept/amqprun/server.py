@@ -47,9 +47,10 @@ from gocept.amqprun.connection import describe
 log = logging.getLogger(__name__)
 
 
-#: Errors of a connect attempt that the next attempt may not see: a queue
-#: that is unavailable while a cluster heals.
-RETRYABLE_CONNECT_ERRORS = (gocept.amqprun.interfaces.QueueUnavailable,)
+#: Errors of a connect attempt that the next attempt may not see: the
+#: network, the broker, a queue that is unavailable while a cluster heals.
+RETRYABLE_CONNECT_ERRORS = gocept.amqprun.connection.CONNECTION_ERRORS + (
+    gocept.amqprun.interfaces.QueueUnavailable,)
 
 #: Errors of a connect attempt that retrying the same node cannot fix.
 FATAL_CONNECT_ERRORS = (gocept.amqprun.interfaces.AccessRefused,
@@ -263,8 +264,7 @@ class Server(gocept.amqprun.process.LoopState):
         while not self._should_stop:
             try:
                 self._connect_some_node(fatal=not ever_connected)
-            except (gocept.amqprun.connection.CONNECTION_ERRORS
-                    + RETRYABLE_CONNECT_ERRORS) as e:
+            except RETRYABLE_CONNECT_ERRORS as e:
                 rounds += 1
                 if (not ever_connected
                         and rounds >= self.parameters.startup_attempts):
@@ -311,8 +311,7 @@ class Server(gocept.amqprun.process.LoopState):
                     e, gocept.amqprun.interfaces.TLSError)
                     else logging.WARNING, '%s', e)
                 error = e
-            except (gocept.amqprun.connection.CONNECTION_ERRORS
-                    + RETRYABLE_CONNECT_ERRORS) as e:
+            except RETRYABLE_CONNECT_ERRORS as e:
                 self._disconnect(graceful=False)
                 log.warning('Cannot connect to the AMQP broker at %s: %s',
                             nodes[index], describe(e))
