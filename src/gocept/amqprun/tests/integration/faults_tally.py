@@ -245,4 +245,6 @@ class Replies:
 def _missing(wanted, copies):
     missing = wanted - copies.keys()
     return '%d of %d missing, e.g. %r' % (
-        len(missing), len(wanted), sorted(missing)[:5])
+        len(missing), len(wanted),
+        # Shorter first: numbered bodies of one run sort by their number.
+        sorted(missing, key=lambda body: (len(body), body))[:5])

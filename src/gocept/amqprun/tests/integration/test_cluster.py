@@ -205,6 +205,21 @@ def wait_until_replicated(cluster, vhost, timeout=60):
              message='quorum queues of %s not replicated' % vhost)
 
 
+@contextlib.contextmanager
+def explained_by(cluster, vhost, daemon):
+    """A failed wait also names where the messages are: the queues' counts
+    on the broker and the end of the daemon's log."""
+    try:
+        yield
+    except AssertionError as e:
+        queues = cluster.ctl('list_queues', '-q', '--no-table-headers', '-p',
+                             vhost, 'name', 'messages_ready',
+                             'messages_unacknowledged', 'leader', 'online')
+        tail = '\n'.join(daemon.output.splitlines()[-40:])
+        raise AssertionError('%s\nqueues:\n%s\ndaemon:\n%s' % (
+            e, queues, tail)) from e
+
+
 def kill_and_wait_for_failover(cluster, daemon, replies, connections):
     """``kill -9`` the daemon's node; return (node, seconds until replies
     flow again through another node).
@@ -316,7 +331,8 @@ def test_rolling_restart_of_all_nodes_answers_every_message(
     assert len(bodies) > 100
     replies = Replies(third, cluster_vhost, REPLY_KEY,
                       queue='faults.replies', arguments=QUORUM)
-    replies.wait_for(bodies, 60)
+    with explained_by(amqp_cluster, cluster_vhost, daemon):
+        replies.wait_for(bodies, 60)
     replies.drain(0.5)
     duplicates, flagged = replies.check(bodies, producer.in_doubt)
     print('rolling restart: %d messages, %d duplicates, %d flagged '
