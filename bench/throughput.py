@@ -370,11 +370,13 @@ class Daemon:
     """The ``server`` script in a subprocess, serving one run's queues."""
 
     def __init__(self, broker, virtual_host, names, workers, directory,
-                 metrics=False):
+                 metrics=False, prefetch=None):
         directory = tempfile.mkdtemp(prefix='daemon-%dw-' % workers,
                                      dir=directory)
         mapping = dict(broker.config_mapping(virtual_host),
-                       workers=workers, settings='', amqp_extra='',
+                       workers=workers, settings='',
+                       amqp_extra=('' if prefetch is None
+                                   else 'prefetch_count %d' % prefetch),
                        worker_extra='', log_level='WARNING',
                        log_path='STDOUT')
         config = gocept.amqprun.testing.write_config(
@@ -459,16 +461,17 @@ METRICS_SECTION = """
 
 
 def run_daemon(broker, virtual_host, names, count, workers, directory,
-               profile=None, metrics=False):
+               profile=None, metrics=False, prefetch=None):
     """Run the daemon with ``workers`` workers on the preloaded queue (and
-    a ``<metrics>`` section with ``metrics``).
+    a ``<metrics>`` section with ``metrics``, a ``prefetch_count`` unless
+    None).
 
     Measured from the first look at the reply queue that saw replies to
     the look that saw all of them, with the CPU time of the daemon process
     and of the broker meanwhile.
     """
     daemon = Daemon(broker, virtual_host, names, workers, directory,
-                    metrics)
+                    metrics, prefetch)
     meter = Meter(None, broker.pid)
     profiler = None
     with connected(broker, virtual_host) as connection:
@@ -667,14 +670,17 @@ def delete_queues(broker, virtual_host, names):
 
 
 def worker_amounts(text):
-    """``1,16,64`` -> [1, 16, 64]."""
+    """``1,16:32,64`` -> [(1, None), (16, 32), (64, None)]: worker amounts,
+    each with the ``prefetch_count`` after a colon (None: the default)."""
     try:
-        amounts = [int(part) for part in text.split(',')]
+        runs = [tuple(int(number) for number in part.split(':'))
+                for part in text.split(',')]
     except ValueError:
         raise argparse.ArgumentTypeError('not a list of numbers: %r' % text)
-    if not amounts or min(amounts) < 1:
-        raise argparse.ArgumentTypeError('worker amounts must be >= 1')
-    return amounts
+    if not runs or any(len(run) > 2 or min(run) < 1 for run in runs):
+        raise argparse.ArgumentTypeError(
+            'each run is WORKERS or WORKERS:PREFETCH, both >= 1')
+    return [(run[0], run[1] if len(run) == 2 else None) for run in runs]
 
 
 def parse_arguments(argv):
@@ -687,8 +693,10 @@ def parse_arguments(argv):
     parser.add_argument('--messages', type=int, default=8000, metavar='N',
                         help='messages per run (default: %(default)s)')
     parser.add_argument('--workers', type=worker_amounts,
-                        default=[1, GOAL_WORKERS, 64], metavar='N,N,..',
-                        help='daemon worker amounts (default: 1,16,64)')
+                        default=[(1, None), (GOAL_WORKERS, None),
+                                 (64, None)], metavar='N[:P],..',
+                        help='daemon worker amounts, each optionally with '
+                             'its prefetch_count P (default: 1,16,64)')
     parser.add_argument('--size', type=int, default=100, metavar='BYTES',
                         help='body size of requests and replies '
                              '(default: %(default)s)')
@@ -859,17 +867,20 @@ def plan(arguments, broker, directory):
                            prefetch)
         return run
 
-    def daemon(amount, metrics=False):
+    def daemon(amount, metrics=False, prefetch=None):
         def run(virtual_host, names):
             return run_daemon(broker, virtual_host, names, count, amount,
-                              directory, arguments.profile, metrics)
+                              directory, arguments.profile, metrics,
+                              prefetch)
         return run
 
     runs = [('raw, commit per message', raw(1, GOAL_WORKERS)),
             ('raw, commit per %d' % GROUP, raw(GROUP, 2 * GROUP))]
-    for amount in arguments.workers:
-        runs.append(('daemon, %d worker%s' % (
-            amount, 's' if amount != 1 else ''), daemon(amount)))
+    for amount, prefetch in arguments.workers:
+        name = 'daemon, %d worker%s' % (amount, 's' if amount != 1 else '')
+        if prefetch is not None:
+            name += ', prefetch %d' % prefetch
+        runs.append((name, daemon(amount, prefetch=prefetch)))
     if arguments.metrics:
         runs.append((METRICS_RUN, daemon(GOAL_WORKERS, metrics=True)))
     return runs

@@ -1,16 +1,22 @@
-"""Commit and Reject: made on a worker, carried out by the I/O thread.
+"""Commit, Reject (made on a worker) and Republish (made by the commit
+queue after a partial commit), carried out by the I/O thread.
 
 Runs on: both. A worker builds an op and blocks in ``wait()``; the server
 calls ``execute(channel)`` on the I/O thread and then ``resolve()``. The
 server commits the AMQP transaction of all ops it executed on one channel in
 one ``tx.commit`` (group commit): each op's ack and publishes are still
-atomic, since they all succeed or fail together.
+atomic, since they all succeed or fail together; where RabbitMQ applies a
+transaction only in part, ``Republish`` restores at least once.
 """
+import logging
 import threading
 
 import zope.interface
 
 import gocept.amqprun.interfaces
+
+
+log = logging.getLogger(__name__)
 
 
 @zope.interface.implementer(gocept.amqprun.interfaces.IChannelOp)
@@ -105,6 +111,53 @@ class Commit(ChannelOp):
             channel.basic_ack(self.delivery.tag)
         for message in self.messages:
             channel.publish(message)
+
+
+class Republish(Commit):
+    """Publish ``op``'s messages again, as a send: the broker applied the
+    ack of ``op``'s transaction but maybe not its publishes (see
+    ``connection.is_partial_commit``).
+
+    Resolving it resolves ``op``: its waiter learns the outcome once the
+    messages are committed. Each :meth:`schedule` waits longer (a queue
+    that refuses publishes takes time to drain). Should it fail for good
+    (the server stops first), ``op`` is in doubt: its ack stands, its
+    messages may be lost, which is logged as an ERROR.
+    """
+
+    #: Seconds before the first attempt; doubled for each further one.
+    delay = 0.5
+    #: The longest wait between two attempts.
+    max_delay = 30.0
+
+    def __init__(self, op):
+        super().__init__(None, op.messages)
+        self.original = op
+        self.attempts = 0
+
+    def __repr__(self):
+        return '<Republish of %r, attempt %d>' % (
+            self.original, self.attempts)
+
+    def schedule(self, now):
+        """Make it pending again, due after the next attempt's delay."""
+        self.unclaim()
+        self.attempts += 1
+        self.not_before = now + min(
+            self.delay * 2 ** (self.attempts - 1), self.max_delay)
+
+    def resolve(self, error=None):
+        """Resolve it and the original op."""
+        super().resolve(error)
+        if error is None:
+            self.original.resolve()
+            return
+        log.error('Could not publish again the %d message(s) of %r, whose '
+                  'acknowledgement the broker applied: they may be lost '
+                  '(%s)', len(self.messages), self.original, error)
+        self.original.resolve(gocept.amqprun.interfaces.CommitInDoubt(
+            'The broker applied the acknowledgement, but its messages could '
+            'not be published again: %s' % error))
 
 
 class Reject(ChannelOp):

@@ -28,7 +28,10 @@ fail together. What a failed batch means:
   with ``ConnectionLost`` (the broker redelivers);
 * a connection error after ``tx.commit`` was sent: the outcome is unknown
   (``CommitInDoubt``), unless the broker closed the channel, which means
-  it refused the transaction (``CommitFailed``).
+  it refused the transaction (``CommitFailed``);
+* the broker closed the channel with "partial tx completion": it applied
+  the acks but a queue refused a publish. The ops' messages are published
+  again (``Republish``), each op is resolved once they are committed.
 
 While the broker blocks publishing (``blocked``), an op that publishes is
 claimed (its waiter then waits however long) and held, not written: the
@@ -42,6 +45,7 @@ import itertools
 import logging
 import time
 
+import gocept.amqprun.channelops
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 from gocept.amqprun.connection import describe
@@ -245,7 +249,10 @@ class CommitQueue:
                 else:
                     channel.tx_rollback()
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
-                if committing and self._was_refused(e):
+                if committing and gocept.amqprun.connection.is_partial_commit(
+                        e):
+                    self._publish_again(ops, e)
+                elif committing and self._was_refused(e):
                     self._isolate(ops, e, scratch)
                 else:
                     self._fail_batch(ops, e, committing)
@@ -320,6 +327,31 @@ class CommitQueue:
                 self._ops.append(op)
             else:
                 op.resolve(innocent)
+
+    def _publish_again(self, ops, error, now=None):
+        """The broker applied the acks and rejects of the transaction of
+        ``ops`` but not all of its publishes (it does not say which).
+
+        Publishing their messages again (as sends, on this or the next
+        connection, after a growing delay) may duplicate some but loses
+        none; each op is resolved once its messages are committed. Ops
+        without messages are done.
+        """
+        now = time.time() if now is None else now
+        again = [op for op in ops if op.messages]
+        log.warning('The broker applied the acknowledgements of an AMQP '
+                    'transaction of %d op(s) but refused one of its '
+                    'publishes (%s): publishing the messages of %d op(s) '
+                    'again; some may arrive twice', len(ops),
+                    describe(error), len(again))
+        for op in ops:
+            if not op.messages:
+                op.resolve()
+                continue
+            if not isinstance(op, gocept.amqprun.channelops.Republish):
+                op = gocept.amqprun.channelops.Republish(op)
+            op.schedule(now)
+            self.submit(op)
 
     @staticmethod
     def _find_culprits(ops, scratch):

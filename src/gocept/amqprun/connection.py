@@ -572,3 +572,17 @@ class ConnectionHistory:
 def is_channel_error(error):
     """True when the broker closed a channel (the connection may live)."""
     return isinstance(error, amqp.exceptions.ChannelError)
+
+
+def is_partial_commit(error):
+    """True when RabbitMQ failed a ``tx.commit`` after applying part of it.
+
+    RabbitMQ applies a transaction's acks and rejects when it handles
+    ``tx.commit`` and routes its publishes; when a queue then refuses one
+    of them (a full queue with ``x-overflow reject-publish``) it closes
+    the channel with "partial tx completion": the acks stand, which of the
+    publishes arrived it does not say.
+    """
+    return (isinstance(error, amqp.exceptions.PreconditionFailed)
+            and error.method_sig in (None, amqp.spec.Tx.Commit)
+            and 'partial tx completion' in str(error.reply_text))

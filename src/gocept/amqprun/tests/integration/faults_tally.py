@@ -220,6 +220,10 @@ class Replies:
             lambda: wanted <= self.copies.keys(), timeout,
             lambda: _missing(wanted, self.copies))
 
+    def missing(self, bodies):
+        """Those of ``bodies`` that have not arrived, in number order."""
+        return _in_number_order(set(bodies) - self.copies.keys())
+
     def check(self, bodies, in_doubt=()):
         """Every body arrived; extra copies only flagged redelivered.
 
@@ -242,9 +246,12 @@ class Replies:
         return duplicates, flagged
 
 
+def _in_number_order(bodies):
+    # Shorter first: numbered bodies of one run sort by their number.
+    return sorted(bodies, key=lambda body: (len(body), body))
+
+
 def _missing(wanted, copies):
     missing = wanted - copies.keys()
     return '%d of %d missing, e.g. %r' % (
-        len(missing), len(wanted),
-        # Shorter first: numbered bodies of one run sort by their number.
-        sorted(missing, key=lambda body: (len(body), body))[:5])
+        len(missing), len(wanted), _in_number_order(missing)[:5])

@@ -206,18 +206,23 @@ def wait_until_replicated(cluster, vhost, timeout=60):
 
 
 @contextlib.contextmanager
-def explained_by(cluster, vhost, daemon):
+def explained_by(cluster, vhost, daemon, missing):
     """A failed wait also names where the messages are: the queues' counts
-    on the broker and the end of the daemon's log."""
+    on the broker, what the daemon logged about the first ``missing()``
+    bodies and the end of its log."""
     try:
         yield
     except AssertionError as e:
         queues = cluster.ctl('list_queues', '-q', '--no-table-headers', '-p',
                              vhost, 'name', 'messages_ready',
                              'messages_unacknowledged', 'leader', 'online')
-        tail = '\n'.join(daemon.output.splitlines()[-40:])
-        raise AssertionError('%s\nqueues:\n%s\ndaemon:\n%s' % (
-            e, queues, tail)) from e
+        lines = daemon.output.splitlines()
+        ids = ['<%s@faults>' % body.decode() for body in missing()[:3]]
+        about = [line for line in lines if any(id in line for id in ids)]
+        raise AssertionError(
+            '%s\nqueues:\n%s\ndaemon about %s:\n%s\ndaemon:\n%s' % (
+                e, queues, ', '.join(ids), '\n'.join(about),
+                '\n'.join(lines[-40:]))) from e
 
 
 def kill_and_wait_for_failover(cluster, daemon, replies, connections):
@@ -331,7 +336,8 @@ def test_rolling_restart_of_all_nodes_answers_every_message(
     assert len(bodies) > 100
     replies = Replies(third, cluster_vhost, REPLY_KEY,
                       queue='faults.replies', arguments=QUORUM)
-    with explained_by(amqp_cluster, cluster_vhost, daemon):
+    with explained_by(amqp_cluster, cluster_vhost, daemon,
+                      lambda: replies.missing(bodies)):
         replies.wait_for(bodies, 60)
     replies.drain(0.5)
     duplicates, flagged = replies.check(bodies, producer.in_doubt)

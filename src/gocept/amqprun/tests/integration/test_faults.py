@@ -286,6 +286,37 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
         dead.close()
 
 
+# -- 4a. a queue that refuses the replies --------------------------------------
+
+def test_replies_a_full_queue_refuses_are_published_again_not_lost(
+        daemon, amqp_broker, amqp_vhost):
+    # RabbitMQ applies the acks of such a transaction and then fails it
+    # ("partial tx completion"): the requests are gone, the replies must
+    # not be.
+    full = {'x-max-length': 3, 'x-overflow': 'reject-publish'}
+    declare_queue(amqp_broker, amqp_vhost, 'faults.full', REPLY_KEY,
+                  arguments=full)
+    publish(amqp_broker, amqp_vhost, numbered(3, 'filler'), REPLY_KEY)
+    runner = daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
+                    amqp_extra=FAST_RECONNECT)
+    bodies = numbered(3)
+    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
+    wait_for(lambda: any('refused one of its publishes' in line
+                         for line in log_lines(runner.config_path,
+                                               'WARNING')), 30,
+             message='the broker refused no publish')
+    with connect(amqp_broker, amqp_vhost) as connection:
+        connection.channel().queue_purge('faults.full')  # room again
+    replies = Replies(amqp_broker, amqp_vhost, REPLY_KEY, queue='faults.full',
+                      arguments=full)
+    try:
+        replies.wait_for(bodies, timeout=30)
+    finally:
+        replies.delete()
+    assert queue_length(amqp_broker, amqp_vhost, 'faults.numbers') == 0
+    assert not log_lines(runner.config_path, 'ERROR')
+
+
 # -- 4b. a reply the broker refuses ------------------------------------------
 
 #: What the refused-reply tests configure: 8 workers, quick retries, a

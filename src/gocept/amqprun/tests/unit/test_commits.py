@@ -13,6 +13,7 @@ from gocept.amqprun.channelops import Commit
 from gocept.amqprun.channelops import Reject
 from gocept.amqprun.commits import CommitQueue
 from gocept.amqprun.connection import ConnectionHistory
+from gocept.amqprun.connection import is_partial_commit
 from gocept.amqprun.interfaces import CommitFailed
 from gocept.amqprun.interfaces import CommitInDoubt
 from gocept.amqprun.interfaces import ConnectionLost
@@ -232,6 +233,75 @@ def test_channel_closed_by_the_broker_in_tx_commit_is_a_refusal(commits):
         run_pass(commits)
     assert isinstance(error_of(op), CommitFailed)
     assert not isinstance(error_of(op), CommitInDoubt)
+
+
+def partial_commit():
+    """What RabbitMQ closes the channel with when a queue refused a publish
+    of a transaction whose acks it applied."""
+    return amqp.exceptions.PreconditionFailed(
+        'PRECONDITION_FAILED - partial tx completion', (90, 20))
+
+
+def test_partial_commit_publishes_the_messages_again_then_resolves(
+        commits):
+    commits.channel.fail['tx_commit'] = partial_commit()
+    reply = outgoing_message(b'reply')
+    replying, acking = Commit(delivered(1), [reply]), Commit(delivered(2), [])
+    rejecting = Reject(delivered(3))
+    for op in (replying, acking, rejecting):
+        commits.submit(op)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    # The broker applied the ack and the reject: those are done.
+    assert error_of(acking) is None
+    assert error_of(rejecting) is None
+    assert not resolved(replying)
+    commits.channel = commits.broker.channel()  # the next connection's
+    run_pass(commits)
+    assert commits.send_channel.calls == []  # not before its delay
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=time.time() + 1)
+    assert commits.send_channel.names == ['basic_publish', 'tx_commit']
+    assert commits.send_channel.calls[0][1] == b'reply'
+    assert error_of(replying) is None
+
+
+def test_a_refused_republish_waits_longer_each_time(commits):
+    op = Commit(delivered(1), [outgoing_message()])
+    commits.submit(op)
+    commits.channel.fail['tx_commit'] = partial_commit()
+    commits.send_channel.fail['tx_commit'] = partial_commit()
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    now = time.time()
+    for attempt in range(2, 9):
+        with pytest.raises(amqp.exceptions.PreconditionFailed):
+            commits.commit_due(commits.channel, commits.send_channel,
+                               commits.scratch, now=now + 31)
+        [(due, _, republish)] = commits._delayed + [
+            (o.not_before, 0, o) for o in commits._ops]
+        assert republish.attempts == attempt
+    assert due - time.time() == pytest.approx(30, abs=2)  # capped
+    assert not resolved(op)
+
+
+def test_republish_that_never_happens_leaves_its_op_in_doubt(
+        commits, caplog):
+    op = Commit(delivered(1), [outgoing_message()])
+    commits.submit(op)
+    commits.channel.fail['tx_commit'] = partial_commit()
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    commits.fail_pending(ConnectionLost('The server stopped'))
+    assert isinstance(error_of(op), CommitInDoubt)
+    assert 'may be lost' in caplog.text
+
+
+def test_partial_commit_is_told_from_other_refusals():
+    assert is_partial_commit(partial_commit())
+    assert not is_partial_commit(amqp.exceptions.PreconditionFailed(
+        'PRECONDITION_FAILED - user_id property set', (60, 40)))
+    assert not is_partial_commit(ConnectionResetError('reset'))
 
 
 def test_ops_of_the_other_channel_are_resolved_when_one_fails(commits):
