@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 RABBITMQ_BIN = '/usr/lib/rabbitmq/bin'
 RABBITMQ_SERVER = os.path.join(RABBITMQ_BIN, 'rabbitmq-server')
 RABBITMQCTL = os.path.join(RABBITMQ_BIN, 'rabbitmqctl')
+RABBITMQ_UPGRADE = os.path.join(RABBITMQ_BIN, 'rabbitmq-upgrade')
 
 #: Keeps the Erlang distribution on loopback (it listens on every interface
 #: otherwise) and forbids Erlang to start an ``epmd -daemon`` of its own,
@@ -253,19 +254,27 @@ class RabbitMQNode:
         processes.wait_for_exit(self._server, processes.STOP_TIMEOUT)
         _stop_servers([self])
 
-    def restart(self, timeout=90):
+    def restart(self, timeout=90, drain=False):
         """Stop the node's server and start it again, as a broker restart.
 
         Same directory, node name and ports (epmd keeps running), so
         durable queues and persistent messages survive and clients can
-        reconnect to the same address. Raises :class:`RuntimeError` as
-        :meth:`start` does.
+        reconnect to the same address. With `drain` the node is put into
+        maintenance mode first (``rabbitmq-upgrade drain``: its quorum
+        queue leaders move to other nodes, its client connections are
+        closed) and revived once it is up again, as RabbitMQ's upgrade
+        guide asks for a rolling restart of a cluster. Raises
+        :class:`RuntimeError` as :meth:`start` does.
         """
         if self._server is None:
             raise RuntimeError('RabbitMQ node is not running')
         log.info('Restarting RabbitMQ node %s', self.nodename)
+        if drain:
+            self._run_tool(RABBITMQ_UPGRADE, 'drain')
         _stop_servers([self])
         self.start(timeout)
+        if drain:
+            self._run_tool(RABBITMQ_UPGRADE, 'revive')
 
     def ctl(self, *args, timeout=60):
         """Run ``rabbitmqctl`` with `args` against this node; return stdout.
@@ -273,10 +282,14 @@ class RabbitMQNode:
         Raises :class:`RuntimeError` on a non-zero exit status or when the
         command takes longer than `timeout` seconds.
         """
+        return self._run_tool(RABBITMQCTL, *args, timeout=timeout)
+
+    def _run_tool(self, tool, *args, timeout=60):
+        """Run the RabbitMQ command line `tool` against this node."""
         if self._server is None:
             raise RuntimeError('RabbitMQ node is not running')
-        command = [RABBITMQCTL, '-n', self.nodename] + list(args)
-        description = 'rabbitmqctl %s' % ' '.join(args)
+        command = [tool, '-n', self.nodename] + list(args)
+        description = '%s %s' % (os.path.basename(tool), ' '.join(args))
         try:
             result = subprocess.run(
                 command, env=self._env, cwd=self.directory,

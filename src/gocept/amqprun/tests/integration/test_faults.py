@@ -286,7 +286,7 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
         dead.close()
 
 
-# -- 4a. a queue that refuses the replies --------------------------------------
+# -- 4a. a queue that refuses the replies -------------------------------------
 
 def test_replies_a_full_queue_refuses_are_published_again_not_lost(
         daemon, amqp_broker, amqp_vhost):
