@@ -120,9 +120,10 @@ class Republish(Commit):
 
     Resolving it resolves ``op``: its waiter learns the outcome once the
     messages are committed. Each :meth:`schedule` waits longer (a queue
-    that refuses publishes takes time to drain). Should it fail for good
-    (the server stops first), ``op`` is in doubt: its ack stands, its
-    messages may be lost, which is logged as an ERROR.
+    that refuses publishes takes time to drain); a commit of it that is in
+    doubt is scheduled again too. Should it fail for good (the server stops
+    first, the broker refuses the publish itself), ``op`` is in doubt: its
+    ack stands, its messages may be lost, which is logged as an ERROR.
     """
 
     #: Seconds before the first attempt; doubled for each further one.

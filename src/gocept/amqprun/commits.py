@@ -401,4 +401,9 @@ class CommitQueue:
                     'broker may or may not have committed them; what it '
                     'did not commit comes back redelivered', len(ops))
         for op in ops:
-            op.resolve(in_doubt)
+            if isinstance(op, gocept.amqprun.channelops.Republish):
+                # Its message's ack stands: a second copy beats a loss.
+                op.schedule(time.time())
+                self.submit(op)
+            else:
+                op.resolve(in_doubt)

@@ -285,6 +285,24 @@ def test_a_refused_republish_waits_longer_each_time(commits):
     assert not resolved(op)
 
 
+def test_republish_in_doubt_is_published_again(commits):
+    op = Commit(delivered(1), [outgoing_message()])
+    commits.submit(op)
+    commits.channel.fail['tx_commit'] = partial_commit()
+    commits.send_channel.fail['tx_commit'] = ConnectionResetError('reset')
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        run_pass(commits)
+    later = time.time() + 1
+    with pytest.raises(ConnectionResetError):
+        commits.commit_due(commits.channel, commits.send_channel,
+                           commits.scratch, now=later)
+    del commits.send_channel.fail['tx_commit']
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=later + 2)
+    assert commits.send_channel.names.count('tx_commit') == 2
+    assert error_of(op) is None
+
+
 def test_republish_that_never_happens_leaves_its_op_in_doubt(
         commits, caplog):
     op = Commit(delivered(1), [outgoing_message()])
