@@ -350,8 +350,12 @@ class CommitQueue:
                 continue
             if not isinstance(op, gocept.amqprun.channelops.Republish):
                 op = gocept.amqprun.channelops.Republish(op)
-            op.schedule(now)
-            self.submit(op)
+            self._republish(op, now)
+
+    def _republish(self, republish, now):
+        """Queue a ``Republish`` for its next attempt."""
+        republish.schedule(now)
+        self.submit(republish)
 
     @staticmethod
     def _find_culprits(ops, scratch):
@@ -403,7 +407,6 @@ class CommitQueue:
         for op in ops:
             if isinstance(op, gocept.amqprun.channelops.Republish):
                 # Its message's ack stands: a second copy beats a loss.
-                op.schedule(time.time())
-                self.submit(op)
+                self._republish(op, time.time())
             else:
                 op.resolve(in_doubt)
