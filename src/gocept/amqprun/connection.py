@@ -337,14 +337,31 @@ class OpChannel:
                 transport._write = own
 
 
+#: The argument signature of ``basic.publish`` (reserved, exchange,
+#: routing key, mandatory, immediate), as py-amqp's ``basic_publish``
+#: sends it (checked by ``test_connection``).
+PUBLISH_ARGSIG = 'Bssbb'
+
+
 def publish(channel, message):
-    """Publish ``message`` on the py-amqp ``channel`` (see OpChannel)."""
+    """Publish ``message`` on the py-amqp ``channel`` (see OpChannel).
+
+    Sends the method itself rather than through ``basic_publish``: for a
+    broker that announces ``connection.blocked`` (RabbitMQ), that one
+    first reads the socket with a zero timeout on every call (two
+    ``settimeout`` calls and a ``recv``), to learn of a block before the
+    publish. The server's loop reads every frame anyway, and holds
+    publishing commits while the broker blocks.
+    """
+    if channel.connection is None:
+        raise amqp.exceptions.RecoverableConnectionError(
+            'publish: the channel is closed')
     body = message.body if message.body is not None else b''
     try:
-        channel.basic_publish(
-            amqp.Message(body, **message.header.properties()),
-            exchange=message.exchange,
-            routing_key=message.routing_key or '')
+        channel.send_method(
+            amqp.spec.Basic.Publish, PUBLISH_ARGSIG,
+            (0, message.exchange, message.routing_key or '', False, False),
+            amqp.Message(body, **message.header.properties()))
     except UNSENDABLE as e:
         raise gocept.amqprun.interfaces.CommitFailed(
             'Cannot publish %r: %s' % (message, describe(e))) from e

@@ -9,6 +9,7 @@ import queue
 import threading
 
 import amqp.exceptions
+import amqp.spec
 import zope.interface
 
 import gocept.amqprun.connection
@@ -66,6 +67,13 @@ class FakeChannel:
             raise self.fail['basic_publish']
         if self.broker is not None and self._refusal is None:
             self._refusal = self.broker.refusal(amqp_message.body, exchange)
+
+    def send_method(self, method_sig, argsig, args, content):
+        """What ``connection.publish`` sends: recorded as basic_publish."""
+        assert method_sig == amqp.spec.Basic.Publish
+        _, exchange, routing_key, _, _ = args
+        self.basic_publish(content, exchange=exchange,
+                           routing_key=routing_key)
 
     def _raise_refusal(self):
         refusal, self._refusal = self._refusal, None

@@ -3,6 +3,7 @@ describe, ConnectionHistory.
 
 ``amqp.Connection`` is replaced by FakeAMQPConnection; no socket is opened.
 """
+import inspect
 import ssl
 import struct
 
@@ -17,6 +18,7 @@ from gocept.amqprun.connection import LOSS_REASONS
 from gocept.amqprun.connection import READ_CHUNK
 from gocept.amqprun.connection import ConnectionHistory
 from gocept.amqprun.connection import OpChannel
+from gocept.amqprun.connection import PUBLISH_ARGSIG
 from gocept.amqprun.parameters import Parameters
 from gocept.amqprun.connection import TLSTransport
 from gocept.amqprun.connection import buffer_reads
@@ -24,6 +26,7 @@ from gocept.amqprun.connection import connect
 from gocept.amqprun.connection import describe
 from gocept.amqprun.connection import has_buffered_data
 from gocept.amqprun.connection import open_channel
+from gocept.amqprun.connection import publish
 from gocept.amqprun.connection import report_blocked_reason
 from gocept.amqprun.interfaces import AccessRefused
 from gocept.amqprun.interfaces import AckTimedOut
@@ -472,3 +475,23 @@ def test_op_channel_collects_what_py_amqp_transport_writes():
     op_channel.flush()
     assert sent == [b'frame']
     assert transport._write == transport.sock.sendall
+
+
+def test_publish_sends_basic_publish_as_py_amqp_does():
+    # Fails loudly when py-amqp changes the arguments it sends for
+    # basic.publish (version range pinned in setup.py): publish() sends
+    # them itself, without basic_publish's read before each publish.
+    signature = inspect.signature(amqp.Channel._basic_publish)
+    assert signature.parameters['argsig'].default == PUBLISH_ARGSIG
+    channel = FakeChannel()
+    publish(channel, Message({}, b'body', routing_key='key'))
+    [(name, body, _, exchange, routing_key)] = channel.calls
+    assert (name, body, exchange, routing_key) == (
+        'basic_publish', b'body', 'amq.topic', 'key')
+
+
+def test_publish_on_a_closed_channel_is_a_connection_error():
+    channel = FakeChannel()
+    channel.connection = None
+    with pytest.raises(amqp.exceptions.RecoverableConnectionError):
+        publish(channel, Message({}, b'body', routing_key='key'))
