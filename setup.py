@@ -46,7 +46,8 @@ setup(
     zip_safe=False,
     python_requires='>=3.9',
     install_requires=[
-        'amqp >= 5.1, < 5.5',  # connection.buffer_reads uses internals
+        # connection.py uses internals (buffer_reads, OpChannel, publish)
+        'amqp >= 5.1, < 5.5',
         'setuptools',
         'transaction >= 3.0',
         'ZConfig >= 3.6',
