@@ -353,9 +353,6 @@ def publish(channel, message):
     publish. The server's loop reads every frame anyway, and holds
     publishing commits while the broker blocks.
     """
-    if channel.connection is None:
-        raise amqp.exceptions.RecoverableConnectionError(
-            'publish: the channel is closed')
     body = message.body if message.body is not None else b''
     try:
         channel.send_method(
