@@ -328,7 +328,7 @@ class CommitQueue:
             else:
                 op.resolve(innocent)
 
-    def _publish_again(self, ops, error, now=None):
+    def _publish_again(self, ops, error):
         """The broker applied the acks and rejects of the transaction of
         ``ops`` but not all of its publishes (it does not say which).
 
@@ -337,7 +337,7 @@ class CommitQueue:
         none; each op is resolved once its messages are committed. Ops
         without messages are done.
         """
-        now = time.time() if now is None else now
+        now = time.time()
         again = [op for op in ops if op.messages]
         log.warning('The broker applied the acknowledgements of an AMQP '
                     'transaction of %d op(s) but refused one of its '

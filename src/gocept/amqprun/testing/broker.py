@@ -25,6 +25,7 @@ private node. :func:`get_broker` gives the one broker of a test run and
 :func:`stop_broker` stops it.
 """
 import atexit
+import contextlib
 import itertools
 import json
 import logging
@@ -77,6 +78,17 @@ def new_cookie():
 def fresh_vhost_name():
     """Return a new, unique virtual host name."""
     return 'test.%s' % uuid.uuid4().hex[:12]
+
+
+@contextlib.contextmanager
+def temporary_vhost(broker):
+    """Context manager: a fresh virtual host of `broker` (a
+    :class:`Broker` or :class:`Cluster`), deleted afterwards."""
+    name = broker.create_vhost()
+    try:
+        yield name
+    finally:
+        broker.delete_vhost(name)
 
 
 def add_vhost(ctl, name, username):

@@ -43,6 +43,7 @@ from gocept.amqprun.testing.broker import Broker
 from gocept.amqprun.testing.broker import Cluster
 from gocept.amqprun.testing.broker import get_broker
 from gocept.amqprun.testing.broker import stop_broker
+from gocept.amqprun.testing.broker import temporary_vhost
 from gocept.amqprun.testing.client import Client
 from gocept.amqprun.testing.database import filestorage_path
 from gocept.amqprun.testing.database import get_postgresql_server
@@ -67,9 +68,8 @@ def amqp_broker():
 @pytest.fixture(scope='module')
 def amqp_vhost(amqp_broker):
     """A fresh virtual host for the test module (its name)."""
-    name = amqp_broker.create_vhost()
-    yield name
-    amqp_broker.delete_vhost(name)
+    with temporary_vhost(amqp_broker) as name:
+        yield name
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import gocept.amqprun.testing
 from gocept.amqprun.connection import Parameters
 from gocept.amqprun.server import Server
 from gocept.amqprun.testing import wait_for
+from gocept.amqprun.testing.broker import temporary_vhost
 from gocept.amqprun.tests.integration.faults_handlers import QUORUM
 from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
 from gocept.amqprun.tests.integration.faults_tally import Producer
@@ -151,9 +152,8 @@ OPENED = re.compile(r'AMQP connection to (\S+) opened\.')
 @pytest.fixture
 def cluster_vhost(amqp_cluster):
     """A fresh virtual host of the shared cluster for one test."""
-    name = amqp_cluster.create_vhost()
-    yield name
-    amqp_cluster.delete_vhost(name)
+    with temporary_vhost(amqp_cluster) as name:
+        yield name
 
 
 @pytest.fixture
@@ -225,7 +225,7 @@ def explained_by(cluster, vhost, daemon, missing):
                 '\n'.join(lines[-40:]))) from e
 
 
-def wait_for_replies(replies, bodies, daemon, timeout=60):
+def wait_for_replies(replies, bodies, timeout=60):
     """Wait for the replies to ``bodies``; return those missing after
     ``timeout`` seconds (in number order)."""
     try:
@@ -318,7 +318,9 @@ def test_kill_9_of_the_daemons_node_under_load_loses_no_message(
         victim.start()
         for producer in producers:
             producer.finish()
-        replies.wait_for(bodies, 60)
+        with explained_by(amqp_cluster, cluster_vhost, daemon,
+                          lambda: replies.missing(bodies)):
+            replies.wait_for(bodies, 60)
         replies.drain(0.5)  # late copies
     in_doubt = producers[0].in_doubt | producers[1].in_doubt
     duplicates, flagged = replies.check(bodies, in_doubt)
@@ -365,8 +367,8 @@ def test_rolling_restart_of_all_nodes_answers_every_message(
     assert len(bodies) > 100
     replies = Replies(third, cluster_vhost, REPLY_KEY,
                       queue='faults.replies', arguments=QUORUM)
-    dropped = wait_for_replies(replies, bodies, daemon)
-    unaccounted = [body for body in dropped
+    missing = wait_for_replies(replies, bodies)
+    unaccounted = [body for body in missing
                    if not broker_confirmed(body, daemon.output)]
     with explained_by(amqp_cluster, cluster_vhost, daemon,
                       lambda: unaccounted):
@@ -374,12 +376,12 @@ def test_rolling_restart_of_all_nodes_answers_every_message(
             len(unaccounted), unaccounted[:5])
     replies.drain(0.5)
     duplicates, flagged = replies.check(
-        set(bodies) - set(dropped), producer.in_doubt)
+        set(bodies) - set(missing), producer.in_doubt)
     print('rolling restart: %d messages, %d duplicates, %d flagged '
           'redelivered, %d published twice, %d dropped by the broker after '
           'it confirmed their commit' % (
               len(bodies), duplicates, flagged, len(producer.in_doubt),
-              len(dropped)))
+              len(missing)))
     output = daemon.output
     assert output.count('Process started') == 1
     for node in amqp_cluster.nodes:  # the daemon was on each in turn

@@ -307,9 +307,8 @@ def get(node, vhost, queue):
 @pytest.fixture(scope='module')
 def cluster_vhost(amqp_cluster):
     """A virtual host of the shared cluster for this module."""
-    name = amqp_cluster.create_vhost()
-    yield name
-    amqp_cluster.delete_vhost(name)
+    with gocept.amqprun.testing.broker.temporary_vhost(amqp_cluster) as name:
+        yield name
 
 
 @pytest.fixture(scope='module')

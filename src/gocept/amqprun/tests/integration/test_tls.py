@@ -23,6 +23,7 @@ from gocept.amqprun.connection import Parameters
 from gocept.amqprun.connection import connect
 from gocept.amqprun.server import Server
 from gocept.amqprun.testing import Client
+from gocept.amqprun.testing.broker import temporary_vhost
 
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), '..', '..', '..', '..',
@@ -36,17 +37,15 @@ STARTUP_ATTEMPTS = 2
 @pytest.fixture(scope='module')
 def tls_vhost(amqp_tls_broker):
     """A virtual host of the TLS node for this module."""
-    name = amqp_tls_broker.create_vhost()
-    yield name
-    amqp_tls_broker.delete_vhost(name)
+    with temporary_vhost(amqp_tls_broker) as name:
+        yield name
 
 
 @pytest.fixture(scope='module')
 def mtls_vhost(amqp_mtls_broker):
     """A virtual host of the node requiring client certificates."""
-    name = amqp_mtls_broker.create_vhost()
-    yield name
-    amqp_mtls_broker.delete_vhost(name)
+    with temporary_vhost(amqp_mtls_broker) as name:
+        yield name
 
 
 def example_config(directory, broker, virtual_host, *tls_lines, port=None):
