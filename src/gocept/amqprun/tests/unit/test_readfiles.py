@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -491,34 +492,31 @@ def test_fifo_is_put_aside_without_blocking(
     assert 'a FIFO' in caplog.text
 
 
-def test_directory_is_put_aside(maildir, reader, sender, caplog):
-    os.mkdir(new_path(maildir, 'directory'))
-    with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
-        reader.scan(sender)
-    assert listing(maildir, 'failed') == ['directory']
-    assert 'a directory' in caplog.text
-
-
-def test_socket_is_put_aside(maildir, reader, sender, caplog):
-    import socket
+def make_socket(path):
+    # The socket file stays when the socket is closed.
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(new_path(maildir, 'socket'))
-        with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
-            reader.scan(sender)
-    assert listing(maildir, 'failed') == ['socket']
-    assert 'a socket' in caplog.text
+        sock.bind(path)
 
 
-def test_character_device_is_put_aside(maildir, reader, sender, caplog):
+def make_character_device(path):
     try:
-        os.mknod(new_path(maildir, 'null'), 0o600 | stat.S_IFCHR,
-                 os.makedev(1, 3))
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     except PermissionError:
         pytest.skip('creating a device needs root (CAP_MKNOD)')
+
+
+@pytest.mark.parametrize('make, kind', [
+    (os.mkdir, 'a directory'),
+    (make_socket, 'a socket'),
+    (make_character_device, 'a character device'),
+])
+def test_what_is_no_regular_file_is_put_aside(
+        make, kind, maildir, reader, sender, caplog):
+    make(new_path(maildir, 'special'))
     with caplog.at_level(logging.ERROR, 'gocept.amqprun.readfiles'):
         reader.scan(sender)
-    assert listing(maildir, 'failed') == ['null']
-    assert 'a character device' in caplog.text
+    assert listing(maildir, 'failed') == ['special']
+    assert kind in caplog.text
 
 
 def test_other_open_error_of_a_file_is_fatal(
