@@ -107,10 +107,10 @@ class CommitQueue:
         that publish are held instead. Connection errors propagate after
         every taken op was resolved or put back.
         """
+        now = time.time() if now is None else now
         batches = {}
         taken = []
-        for op in self._claim_due(
-                time.time() if now is None else now, blocked):
+        for op in self._claim_due(now, blocked):
             target = self._channel_for(op, channel, send_channel)
             if target is None:
                 op.resolve(self.history.stale_error(op.delivery))
@@ -131,7 +131,7 @@ class CommitQueue:
         batches = list(batches.values())
         for number, (target, ops) in enumerate(batches):
             try:
-                self._commit_batch(target, ops, scratch)
+                self._commit_batch(target, ops, scratch, now)
             except gocept.amqprun.connection.CONNECTION_ERRORS:
                 # The other channels' batches were taken already: resolve
                 # them here or their waiters hang.
@@ -225,8 +225,9 @@ class CommitQueue:
             return None
         return channel
 
-    def _commit_batch(self, channel, ops, scratch):
-        """Execute ``ops`` and commit them in one AMQP transaction."""
+    def _commit_batch(self, channel, ops, scratch, now):
+        """Execute ``ops`` and commit them in one AMQP transaction (``now``:
+        the pass's ``time.time()``, from which republishes are delayed)."""
         op_channel = gocept.amqprun.connection.OpChannel(channel)
         ops = list(ops)
         seconds = None  # of the tx.commit, once one went through
@@ -251,11 +252,11 @@ class CommitQueue:
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
                 if committing and gocept.amqprun.connection.is_partial_commit(
                         e):
-                    self._publish_again(ops, e)
+                    self._publish_again(ops, e, now)
                 elif committing and self._was_refused(e):
                     self._isolate(ops, e, scratch)
                 else:
-                    self._fail_batch(ops, e, committing)
+                    self._fail_batch(ops, e, committing, now)
                 raise
             if failed is None:
                 break
@@ -328,7 +329,7 @@ class CommitQueue:
             else:
                 op.resolve(innocent)
 
-    def _publish_again(self, ops, error):
+    def _publish_again(self, ops, error, now):
         """The broker applied the acks and rejects of the transaction of
         ``ops`` but not all of its publishes (it does not say which).
 
@@ -337,7 +338,6 @@ class CommitQueue:
         none; each op is resolved once its messages are committed. Ops
         without messages are done.
         """
-        now = time.time()
         again = [op for op in ops if op.messages]
         log.warning('The broker applied the acknowledgements of an AMQP '
                     'transaction of %d op(s) but refused one of its '
@@ -383,7 +383,7 @@ class CommitQueue:
             else:
                 op.resolve(self.history.stale_error(op.delivery))
 
-    def _fail_batch(self, ops, error, committing):
+    def _fail_batch(self, ops, error, committing, now):
         """Resolve the ops of a transaction the connection failed in."""
         loss = self.history.lose(error, time.monotonic())
         if not committing:
@@ -407,6 +407,6 @@ class CommitQueue:
         for op in ops:
             if isinstance(op, gocept.amqprun.channelops.Republish):
                 # Its message's ack stands: a second copy beats a loss.
-                self._republish(op, time.time())
+                self._republish(op, now)
             else:
                 op.resolve(in_doubt)

@@ -48,6 +48,11 @@ def run_pass(commits):
                        commits.scratch)
 
 
+def commit_batch(commits, channel, ops):
+    """Execute and commit ``ops`` on ``channel`` as one transaction."""
+    commits._commit_batch(channel, ops, commits.scratch, time.time())
+
+
 def delivered(tag, generation=1):
     return Delivery(generation, tag)
 
@@ -131,8 +136,7 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
     first = Commit(delivered(1), [outgoing_message()])
     second = Commit(delivered(2), [])
     with pytest.raises(BrokenPipeError):
-        commits._commit_batch(commits.channel, [first, second],
-                              commits.scratch)
+        commit_batch(commits, commits.channel, [first, second])
     assert isinstance(error_of(first), RecoverableError)
     assert isinstance(error_of(second), RecoverableError)
     assert 'tx_commit' not in commits.channel.names
@@ -141,7 +145,7 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
 def test_unpublishable_message_fails_alone_and_the_rest_commits(commits):
     good = Commit(delivered(1), [outgoing_message(b'good')])
     bad = Commit(delivered(2), [Message(dict(timestamp='yesterday'), b'')])
-    commits._commit_batch(commits.channel, [good, bad], commits.scratch)
+    commit_batch(commits, commits.channel, [good, bad])
     assert isinstance(error_of(bad), CommitFailed)
     assert error_of(good) is None
     names = commits.channel.names
@@ -157,7 +161,7 @@ def test_message_with_unencodable_header_fails_alone(commits):
     good = Commit(None, [outgoing_message(b'good')])
     bad = Commit(None, [outgoing_message(b'bad', custom=object())])
     channel = FakeEncodingChannel()
-    commits._commit_batch(channel, [bad, good], commits.scratch)
+    commit_batch(commits, channel, [bad, good])
     assert isinstance(error_of(bad), CommitFailed)
     assert error_of(good) is None
     assert channel.published == [b'good']
@@ -209,7 +213,7 @@ def test_failed_tx_commit_fails_every_op_of_the_batch(commits, error):
            Commit(delivered(2), []),
            Reject(delivered(3))]
     with pytest.raises(type(error)):
-        commits._commit_batch(channel, ops, commits.scratch)
+        commit_batch(commits, channel, ops)
     errors = [error_of(op) for op in ops]
     assert all(isinstance(e, CommitFailed) for e in errors)
     assert len({id(e) for e in errors}) == 1
@@ -266,22 +270,36 @@ def test_partial_commit_publishes_the_messages_again_then_resolves(
     assert error_of(replying) is None
 
 
+def next_attempt(commits, after):
+    """When, in passes 0.1 s apart from ``after``, the send channel tries
+    its next commit."""
+    tried = commits.send_channel.names.count('tx_commit')
+    at = after
+    while commits.send_channel.names.count('tx_commit') == tried:
+        at = round(at + 0.1, 1)
+        assert at < after + 60, 'no attempt within 60 s'
+        try:
+            commits.commit_due(commits.channel, commits.send_channel,
+                               commits.scratch, now=at)
+        except amqp.exceptions.PreconditionFailed:
+            pass
+    return at
+
+
 def test_a_refused_republish_waits_longer_each_time(commits):
     op = Commit(delivered(1), [outgoing_message()])
     commits.submit(op)
     commits.channel.fail['tx_commit'] = partial_commit()
     commits.send_channel.fail['tx_commit'] = partial_commit()
     with pytest.raises(amqp.exceptions.PreconditionFailed):
-        run_pass(commits)
-    now = time.time()
-    for attempt in range(2, 9):
-        with pytest.raises(amqp.exceptions.PreconditionFailed):
-            commits.commit_due(commits.channel, commits.send_channel,
-                               commits.scratch, now=now + 31)
-        [(due, _, republish)] = commits._delayed + [
-            (o.not_before, 0, o) for o in commits._ops]
-        assert republish.attempts == attempt
-    assert due - time.time() == pytest.approx(30, abs=2)  # capped
+        commits.commit_due(commits.channel, commits.send_channel,
+                           commits.scratch, now=1000)
+    failed, waits = 1000, []
+    for _ in range(8):
+        at = next_attempt(commits, failed)
+        waits.append(round(at - failed, 1))
+        failed = at
+    assert waits == [0.5, 1, 2, 4, 8, 16, 30, 30]
     assert not resolved(op)
 
 
@@ -656,7 +674,7 @@ def test_connection_lost_while_looking_for_the_culprit(commits):
     send = Commit(None, [outgoing_message(b'send')])
     commits.scratch._open().fail['tx_rollback'] = ConnectionResetError()
     with pytest.raises(ConnectionResetError):
-        commits._commit_batch(commits.channel, [ack, send], commits.scratch)
+        commit_batch(commits, commits.channel, [ack, send])
     assert isinstance(error_of(ack), ConnectionLost)
     assert list(commits._ops) == [send]
 
