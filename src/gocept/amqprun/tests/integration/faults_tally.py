@@ -218,11 +218,20 @@ class Replies:
         wanted = set(bodies)
         self.wait_until(
             lambda: wanted <= self.copies.keys(), timeout,
-            lambda: _missing(wanted, self.copies))
+            lambda: self._missing_text(wanted))
 
     def missing(self, bodies):
-        """Those of ``bodies`` that have not arrived, in number order."""
-        return _in_number_order(set(bodies) - self.copies.keys())
+        """Those of ``bodies`` that have not arrived, in number order.
+
+        (Shorter first: numbered bodies of one run sort by their number.)
+        """
+        return sorted(set(bodies) - self.copies.keys(),
+                      key=lambda body: (len(body), body))
+
+    def _missing_text(self, wanted):
+        missing = self.missing(wanted)
+        return '%d of %d missing, e.g. %r' % (
+            len(missing), len(wanted), missing[:5])
 
     def check(self, bodies, in_doubt=()):
         """Every body arrived; extra copies only flagged redelivered.
@@ -234,7 +243,7 @@ class Replies:
         copies with the redelivered flag, for the test to report.
         """
         wanted = set(bodies)
-        assert wanted <= self.copies.keys(), _missing(wanted, self.copies)
+        assert wanted <= self.copies.keys(), self._missing_text(wanted)
         duplicates = flagged = 0
         for body in wanted:
             flags = self.copies[body]
@@ -244,14 +253,3 @@ class Replies:
                 '%r arrived %d times without the redelivered flag'
                 % (body, flags.count(False)))
         return duplicates, flagged
-
-
-def _in_number_order(bodies):
-    # Shorter first: numbered bodies of one run sort by their number.
-    return sorted(bodies, key=lambda body: (len(body), body))
-
-
-def _missing(wanted, copies):
-    missing = wanted - copies.keys()
-    return '%d of %d missing, e.g. %r' % (
-        len(missing), len(wanted), _in_number_order(missing)[:5])
