@@ -538,9 +538,11 @@ class IServer(ILoop, ISender):
         thread's data manager, which then blocks in ``op.wait()``. Returns
         at once. The I/O thread executes the op no earlier than
         ``op.not_before``, in the next pass of its loop, together with the
-        other ops due then (group commit). An op whose delivery belongs to
-        a lost connection is resolved with ``ConnectionLost`` without being
-        executed.
+        other ops due then (group commit); while a handler that began
+        within the last ``commit_delay`` (``<amqp-server>``) has not
+        submitted its op yet, the pass waits for it, at most that long. An
+        op whose delivery belongs to a lost connection is resolved with
+        ``ConnectionLost`` without being executed.
         """
 
     def handling(session):

@@ -118,7 +118,7 @@ def configure(conf):
         conf.amqp_server,
         prefetch_count=conf.amqp_server.prefetch_count or max(amount, 1))
     server = gocept.amqprun.server.Server(
-        parameters, setup_handlers=amount > 0)
+        parameters, setup_handlers=amount > 0, workers=amount)
     zope.component.provideUtility(
         server, gocept.amqprun.interfaces.ISender)
     policy = gocept.amqprun.retry.RetryPolicy(

@@ -19,6 +19,11 @@ DEFAULT_TLS_PORT = 5671
 #: 128 MiB. RabbitMQ 4.x lowered it to 16 MiB.
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 
+#: How long a group commit waits at most for handlers that began within
+#: that time: about what a quick handler takes on a busy daemon (measured
+#: in bench/README.rst).
+DEFAULT_COMMIT_DELAY = 0.001
+
 
 class Node:
     """One broker node: ``host`` and ``port``; ``str()`` is ``host:port``.
@@ -139,7 +144,8 @@ class Parameters:
                  shuffle_hosts=False, ssl_ca_file=None, ssl_cert_file=None,
                  ssl_key_file=None, ssl_verify=True,
                  ssl_server_hostname=None,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE):
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                 commit_delay=DEFAULT_COMMIT_DELAY):
         self.ssl = ssl
         self.port = int(port) if port else (
             DEFAULT_TLS_PORT if ssl else DEFAULT_PORT)
@@ -170,6 +176,9 @@ class Parameters:
             ssl, ssl_ca_file, ssl_cert_file, ssl_key_file, self.ssl_verify)
         #: Largest body in bytes ``send`` accepts; 0: no limit.
         self.max_message_size = int(max_message_size or 0)
+        #: Seconds a group commit waits at most for handlers that began
+        #: within that time (see ``commits.Gathering``); 0: never.
+        self.commit_delay = float(commit_delay or 0)
 
     @classmethod
     def from_section(cls, section, **overrides):

@@ -89,12 +89,17 @@ class Task:
 
 @zope.interface.implementer(gocept.amqprun.interfaces.IServer)
 class Server(gocept.amqprun.process.LoopState):
-    """Owns the AMQP connection; runs the I/O loop in ``start()``."""
+    """Owns the AMQP connection; runs the I/O loop in ``start()``.
+
+    ``workers`` is how many worker threads take its tasks (None: not
+    known); a group commit waits only for deliveries they can take (see
+    ``commits.Gathering``).
+    """
 
     #: Seconds the loop sleeps at most between two looks at the connection.
     poll_interval = 1.0
 
-    def __init__(self, parameters, setup_handlers=True):
+    def __init__(self, parameters, setup_handlers=True, workers=None):
         self.parameters = parameters
         self.setup_handlers = setup_handlers
         #: Deliveries for the workers; bounded by the prefetch count.
@@ -110,7 +115,8 @@ class Server(gocept.amqprun.process.LoopState):
         #: ``time.monotonic()`` of the loop's latest turn (liveness).
         self.last_turn = None
         self.history = gocept.amqprun.connection.ConnectionHistory()
-        self.commits = gocept.amqprun.commits.CommitQueue(self.history)
+        self.commits = gocept.amqprun.commits.CommitQueue(
+            self.history, parameters.commit_delay, workers)
         self.commit_observers = self.commits.observers
         super().__init__()
         self._should_stop = False
@@ -413,6 +419,7 @@ class Server(gocept.amqprun.process.LoopState):
             key=gocept.amqprun.message.redelivery_key(message))
         log.debug("Received message %s via routing key '%s' for '%s'",
                   info['delivery_tag'], info['routing_key'], name)
+        self.commits.delivered(message.delivery)
         self.tasks.put(Task(message, handler, name))
 
     def _serve(self):
@@ -429,7 +436,7 @@ class Server(gocept.amqprun.process.LoopState):
                     self.connection):
                 self._read_frames(sock)
             self._tick_heartbeat()
-        self._commit_due()
+        self._commit_due(gather=False)  # stopping: wait for nothing
 
     def _tick_heartbeat(self, now=None):
         """Have py-amqp send and check heartbeats, once per quarter of the
@@ -442,10 +449,10 @@ class Server(gocept.amqprun.process.LoopState):
         self._next_heartbeat_tick = now + heartbeat / 4.0
         self.connection.heartbeat_tick()
 
-    def _commit_due(self):
+    def _commit_due(self, gather=True):
         self.commits.commit_due(
             self._channel, self._send_channel, self._scratch,
-            blocked=self.blocked is not None)
+            blocked=self.blocked is not None, gather=gather)
 
     def _on_blocked(self, reason=None):
         """py-amqp calls it from inside a frame read: only take note."""

@@ -112,6 +112,43 @@ def test_workers_handle_messages_concurrently(amqp_main, amqp_client):
     assert time.monotonic() - started < 4
 
 
+def handle_slow_then_quick(amqp_main, amqp_client, slow, commit_delay):
+    """Two workers get a message sleeping ``slow`` seconds, then one that
+    does not sleep; return the bodies of the replies in the order they
+    arrived and what the daemon logged at its stop."""
+    main = amqp_main(zcml('sleep'), workers=2,
+                     amqp_extra='commit_delay %s' % commit_delay)
+    amqp_client.expect_message_on('test.response')
+    amqp_client.send_message(slow, 'test.sleep')
+    amqp_client.send_message(b'0', 'test.sleep')
+    replies = [reply.body for reply in amqp_client.wait_for_messages(2)]
+    main.stop()
+    return replies, main.log
+
+
+def test_a_quick_handler_commits_together_with_one_begun_just_before(
+        amqp_main, amqp_client):
+    replies, log = handle_slow_then_quick(
+        amqp_main, amqp_client, b'0.2', commit_delay=0.5)
+    assert sorted(replies) == [b'0', b'0.2']
+    assert 'Committed 2 op(s) in 1 AMQP transaction(s).' in log
+
+
+def test_a_handler_slower_than_the_commit_delay_is_not_waited_for(
+        amqp_main, amqp_client):
+    replies, log = handle_slow_then_quick(
+        amqp_main, amqp_client, b'1.5', commit_delay=0.3)
+    assert replies == [b'0', b'1.5']
+    assert 'Committed 2 op(s) in 2 AMQP transaction(s).' in log
+
+
+def test_commit_delay_0_commits_each_handler_at_once(amqp_main, amqp_client):
+    replies, log = handle_slow_then_quick(
+        amqp_main, amqp_client, b'0.2', commit_delay=0)
+    assert replies == [b'0', b'0.2']
+    assert 'Committed 2 op(s) in 2 AMQP transaction(s).' in log
+
+
 def test_prefetch_bounds_the_deliveries_held_in_memory(
         amqp_main, amqp_client):
     main = amqp_main(zcml('sleep'), workers=2)

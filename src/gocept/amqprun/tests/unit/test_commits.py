@@ -4,6 +4,7 @@ Driven without a Server: a CommitQueue, a ConnectionHistory in its first
 generation and two FakeChannels standing for the consumer and send
 channels.
 """
+import collections
 import time
 
 import amqp.exceptions
@@ -12,6 +13,7 @@ import pytest
 from gocept.amqprun.channelops import Commit
 from gocept.amqprun.channelops import Reject
 from gocept.amqprun.commits import CommitQueue
+from gocept.amqprun.commits import Gathering
 from gocept.amqprun.connection import ConnectionHistory
 from gocept.amqprun.connection import is_partial_commit
 from gocept.amqprun.interfaces import CommitFailed
@@ -29,17 +31,28 @@ from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import resolved
 
 
-@pytest.fixture
-def commits():
+def commit_queue(commit_delay=0):
     """A commit queue of a connection in its first generation."""
     history = ConnectionHistory()
     history.connected()
-    commits = CommitQueue(history)
+    commits = CommitQueue(history, commit_delay)
     commits.broker = FakeBroker()
     commits.channel = commits.broker.channel()
     commits.send_channel = commits.broker.channel()
     commits.scratch = commits.broker.scratch()
     return commits
+
+
+@pytest.fixture
+def commits():
+    """A commit queue that commits at once (no ``commit_delay``)."""
+    return commit_queue()
+
+
+@pytest.fixture
+def gathering_commits():
+    """A commit queue whose passes wait up to 10 s for recent handlers."""
+    return commit_queue(commit_delay=10)
 
 
 def run_pass(commits):
@@ -721,3 +734,102 @@ def test_committed_transactions_and_their_ops_are_counted(commits):
     commits.submit(Commit(delivered(3), []))
     run_pass(commits)
     assert (commits.transactions, commits.committed_ops) == (2, 3)
+
+
+# -- gathering: waiting for the handlers that just began ---------------------
+
+def test_a_pass_waits_for_the_handler_of_a_delivery_just_received(
+        gathering_commits):
+    commits = gathering_commits
+    first, second = delivered(1), delivered(2)
+    commits.delivered(first)
+    commits.delivered(second)
+    commits.submit(Commit(first, [outgoing_message(b'1')]))
+    run_pass(commits)
+    assert commits.channel.calls == []
+    commits.submit(Commit(second, [outgoing_message(b'2')]))
+    run_pass(commits)
+    assert commits.channel.names == [
+        'basic_ack', 'basic_publish', 'basic_ack', 'basic_publish',
+        'tx_commit']
+    assert commits.transactions == 1
+
+
+def test_a_handler_that_began_before_the_delay_is_not_waited_for():
+    commits = commit_queue(commit_delay=0.5)
+    slow = Delivery(1, 1, received=time.monotonic() - 1)
+    quick = delivered(2)
+    commits.delivered(slow)
+    commits.delivered(quick)
+    op = Commit(quick, [])
+    commits.submit(op)
+    run_pass(commits)
+    assert commits.channel.names == ['basic_ack', 'tx_commit']
+    assert error_of(op) is None
+
+
+def test_without_commit_delay_a_pass_commits_at_once(commits):
+    commits.delivered(delivered(1))
+    commits.delivered(delivered(2))
+    commits.submit(Commit(delivered(1), []))
+    run_pass(commits)
+    assert commits.channel.names == ['basic_ack', 'tx_commit']
+
+
+def test_a_pass_without_gathering_commits_at_once(gathering_commits):
+    commits = gathering_commits
+    commits.delivered(delivered(1))
+    commits.delivered(delivered(2))
+    commits.submit(Commit(delivered(1), []))
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, gather=False)
+    assert commits.channel.names == ['basic_ack', 'tx_commit']
+
+
+def test_poll_timeout_while_gathering_is_the_time_left(gathering_commits):
+    commits = gathering_commits
+    commits.delivered(delivered(1))
+    commits.delivered(delivered(2))
+    commits.submit(Commit(delivered(1), []))
+    assert commits.poll_timeout(60) == 0  # no pass has let it wait yet
+    run_pass(commits)
+    assert 9 < commits.poll_timeout(60) <= 10
+    assert commits.poll_timeout(1.0) == 1.0
+
+
+def test_new_deliveries_never_hold_pending_ops_longer_than_the_delay():
+    gathering = Gathering(0.5)
+    pending = collections.deque([Commit(Delivery(1, 1, received=100), [])])
+    gathering.delivered(Delivery(1, 2, received=100))
+    assert gathering.should_wait(pending, 100.0)
+    gathering.delivered(Delivery(1, 3, received=100.3))
+    assert gathering.should_wait(pending, 100.4)
+    assert gathering.time_left(100.4) == pytest.approx(0.1)
+    assert not gathering.should_wait(pending, 100.5)
+    assert gathering.time_left(100.5) is None
+
+
+def test_nothing_pending_means_nothing_to_wait_for():
+    gathering = Gathering(0.5)
+    gathering.delivered(Delivery(1, 1, received=100))
+    assert not gathering.should_wait(collections.deque(), 100.0)
+
+
+def test_deliveries_no_worker_can_take_yet_are_not_waited_for():
+    gathering = Gathering(0.5, workers=2)
+    busy = [Delivery(1, tag, received=99) for tag in (1, 2)]
+    for delivery in busy:
+        gathering.delivered(delivery)
+    gathering.delivered(Delivery(1, 3, received=100))  # no worker is free
+    send = collections.deque([Commit(None, [outgoing_message()])])
+    assert not gathering.should_wait(send, 100.1)
+    answer = collections.deque([Commit(busy[0], [])])
+    assert gathering.should_wait(answer, 100.1)  # its worker takes 3 now
+
+
+def test_the_deliveries_of_a_lost_connection_are_forgotten():
+    gathering = Gathering(0.5)
+    gathering.delivered(Delivery(1, 1, received=100))
+    gathering.delivered(Delivery(2, 1, received=99))
+    pending = collections.deque([Commit(Delivery(2, 1, received=99), [])])
+    assert not gathering.should_wait(pending, 100.1)

@@ -297,6 +297,46 @@ def test_consume_callback_keeps_the_generation_it_was_made_in(server):
     assert server.tasks.get_nowait().message.delivery.generation == 1
 
 
+def deliver(server, tag):
+    """Have the server receive a message with delivery ``tag``; return its
+    Delivery."""
+    server.on_delivery(FakeAMQPMessage(
+        b'', dict(delivery_tag=tag, routing_key='route')),
+        Handler('queue', 'routing', lambda m: None), 'name', 1)
+    return server.tasks.get_nowait().message.delivery
+
+
+def test_a_commit_waits_for_the_handler_of_a_message_just_received():
+    server = make_server(commit_delay=10)
+    try:
+        reconnect(server)
+        first, second = deliver(server, 1), deliver(server, 2)
+        server.submit(Commit(first, []))
+        server._commit_due()
+        assert server._channel.calls == []
+        server.submit(Commit(second, []))
+        server._commit_due()
+        assert server._channel.names == ['basic_ack', 'basic_ack',
+                                         'tx_commit']
+    finally:
+        close_server(server)
+
+
+def test_the_last_pass_before_the_stop_does_not_wait():
+    server = make_server(commit_delay=10)
+    try:
+        reconnect(server)
+        first, _ = deliver(server, 1), deliver(server, 2)
+        op = Commit(first, [])
+        server.submit(op)
+        server.stop()
+        server._serve()
+        assert server._channel.names == ['basic_ack', 'tx_commit']
+        assert error_of(op) is None
+    finally:
+        close_server(server)
+
+
 def test_ops_on_the_other_channel_are_not_left_hanging(server):
     # The send channel's batch comes first and fails; the ack waits in the
     # consume channel's batch.
