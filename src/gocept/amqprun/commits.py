@@ -328,13 +328,14 @@ class CommitQueue:
                     except gocept.amqprun.interfaces.CommitFailed as e:
                         failed, error = op, e
                         break
-                op_channel.flush()  # an error here: nothing committed
                 if failed is None:
-                    committing = True
                     started = time.perf_counter()
-                    channel.tx_commit()
+                    op_channel.send_commit()  # an error: nothing committed
+                    committing = True
+                    op_channel.wait_for_commit()
                     seconds = time.perf_counter() - started
                 else:
+                    op_channel.flush()  # an error here: nothing committed
                     channel.tx_rollback()
             except gocept.amqprun.connection.CONNECTION_ERRORS as e:
                 if committing and gocept.amqprun.connection.is_partial_commit(

@@ -277,11 +277,12 @@ def open_channel(connection):
 class OpChannel:
     """The face of an AMQP channel that channel ops see.
 
-    The frames of the ops are collected and written in one go by
-    :meth:`flush`, which the commit queue calls before ``tx.commit`` (or
-    ``tx.rollback``): one write per transaction instead of one per ack and
-    per publish. Until then nothing of them is on the wire, which changes
-    nothing for the broker: it acts on a transaction at its commit.
+    The frames of the ops are collected and written in one go, followed
+    by ``tx.commit`` (:meth:`commit`), or by the commit queue before
+    ``tx.rollback`` (:meth:`flush`): one write per transaction instead of
+    one per ack, per publish and for the commit. Until then nothing of
+    them is on the wire, which changes nothing for the broker: it acts on
+    a transaction at its commit.
     """
 
     def __init__(self, channel):
@@ -306,6 +307,25 @@ class OpChannel:
         nothing of it is collected and only this op fails.
         """
         self._buffered(publish, self._channel, message)
+
+    def send_commit(self):
+        """Write the collected frames and ``tx.commit`` in one go.
+
+        A connection error here means that nothing was committed:
+        ``tx.commit`` is the last frame of the write, so the broker never
+        got it whole.
+        """
+        self._buffered(self._channel.send_method, amqp.spec.Tx.Commit)
+        self.flush()
+
+    def wait_for_commit(self):
+        """Wait for the broker's answer to :meth:`send_commit`.
+
+        Returns once the broker committed. A connection error here leaves
+        the outcome unknown (unless the broker closed the channel: then it
+        refused the transaction).
+        """
+        self._channel.wait(amqp.spec.Tx.CommitOk)
 
     def flush(self):
         """Write the collected frames; connection errors propagate."""

@@ -68,12 +68,24 @@ class FakeChannel:
         if self.broker is not None and self._refusal is None:
             self._refusal = self.broker.refusal(amqp_message.body, exchange)
 
-    def send_method(self, method_sig, argsig, args, content):
-        """What ``connection.publish`` sends: recorded as basic_publish."""
+    def send_method(self, method_sig, argsig=None, args=None, content=None):
+        """What ``connection.publish`` and ``OpChannel.send_commit`` send:
+        a publish is recorded as basic_publish; ``tx.commit`` is recorded
+        with its answer (:meth:`wait`), ``fail['send_commit']`` is raised
+        as if writing it failed."""
+        if method_sig == amqp.spec.Tx.Commit:
+            if 'send_commit' in self.fail:
+                raise self.fail['send_commit']
+            return
         assert method_sig == amqp.spec.Basic.Publish
         _, exchange, routing_key, _, _ = args
         self.basic_publish(content, exchange=exchange,
                            routing_key=routing_key)
+
+    def wait(self, method_sig):
+        """Wait for ``tx.commit-ok``: recorded as tx_commit."""
+        assert method_sig == amqp.spec.Tx.CommitOk
+        self.tx_commit()
 
     def _raise_refusal(self):
         refusal, self._refusal = self._refusal, None

@@ -155,6 +155,22 @@ def test_connection_error_during_execute_fails_the_batch_uncommitted(
     assert 'tx_commit' not in commits.channel.names
 
 
+def test_connection_error_writing_the_commit_leaves_nothing_committed(
+        commits):
+    commits.channel.fail['send_commit'] = BrokenPipeError('pipe')
+    commits.send_channel.fail['send_commit'] = BrokenPipeError('pipe')
+    op = Commit(delivered(1), [outgoing_message()])
+    send = Commit(None, [outgoing_message()])
+    commits.submit(op)
+    commits.submit(send)
+    with pytest.raises(BrokenPipeError):
+        run_pass(commits)
+    assert isinstance(error_of(op), ConnectionLost)
+    assert not isinstance(error_of(op), CommitInDoubt)
+    assert list(commits._ops) == [send]  # for the next connection
+    assert 'tx_commit' not in commits.channel.names
+
+
 def test_unpublishable_message_fails_alone_and_the_rest_commits(commits):
     good = Commit(delivered(1), [outgoing_message(b'good')])
     bad = Commit(delivered(2), [Message(dict(timestamp='yesterday'), b'')])

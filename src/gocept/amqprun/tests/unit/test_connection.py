@@ -9,6 +9,7 @@ import struct
 
 import amqp
 import amqp.exceptions
+import amqp.method_framing
 import amqp.serialization
 import amqp.spec
 import amqp.transport
@@ -518,6 +519,43 @@ def test_publish_writes_what_py_amqp_basic_publish_writes_without_reading():
         exchange=message.exchange, routing_key='key')
     assert ours.frames == theirs.frames
     assert ours.frames[0][2] == amqp.spec.Basic.Publish
+
+
+class WritingConnection:
+    """A py-amqp connection as far as writing frames goes (py-amqp's own
+    frame writer); its transport records each write."""
+
+    frame_max = 131072
+    bytes_sent = 0
+
+    def __init__(self):
+        self.transport = FakeTransport()
+        # py-amqp hands over views of a buffer it reuses: record copies.
+        self.transport._write = (
+            lambda data: self.transport.sent.append(bytes(data)))
+        self.frame_writer = amqp.method_framing.frame_writer(
+            self, self.transport)
+
+
+def test_send_commit_writes_what_py_amqp_tx_commit_writes_in_one_go():
+    # Fails loudly when py-amqp changes how tx_commit sends and waits
+    # (version range pinned in setup.py).
+    ours, theirs = WritingConnection(), WritingConnection()
+    waited = {ours: [], theirs: []}
+    channels = {}
+    for connection in (ours, theirs):
+        channel = channels[connection] = py_amqp_channel(connection)
+        channel.wait = (lambda method, returns_tuple=False, waited=waited[
+            connection]: waited.append(method))
+    op_channel = OpChannel(channels[ours])
+    op_channel.basic_ack(7)
+    op_channel.send_commit()
+    op_channel.wait_for_commit()
+    channels[theirs].basic_ack(7)
+    channels[theirs].tx_commit()
+    assert len(ours.transport.sent) == 1
+    assert ours.transport.sent == [b''.join(theirs.transport.sent)]
+    assert waited[ours] == waited[theirs] == [amqp.spec.Tx.CommitOk]
 
 
 def test_publish_on_a_closed_channel_is_a_connection_error():
