@@ -93,6 +93,11 @@ class Gathering:
             self._generation = delivery.generation
         self._unanswered[delivery] = delivery.received
 
+    def answered(self, op):
+        """Note that ``op`` came: its delivery's handler is done."""
+        if op.delivery is not None:
+            self._unanswered.pop(op.delivery, None)
+
     def should_wait(self, pending, now):
         """True while the ``pending`` ops (a deque that workers append to)
         should wait for recent handlers.
@@ -105,8 +110,7 @@ class Gathering:
             return False
         # A copy: workers append meanwhile (list() copies in one step).
         for op in list(pending):
-            if op.delivery is not None:
-                self._unanswered.pop(op.delivery, None)
+            self.answered(op)
         if self._since is None:
             self._since = now
         if now - self._since < self.delay and self._recent_handler(now):
@@ -297,6 +301,8 @@ class CommitQueue:
     def _take_due(self, now):
         while self._ops:
             op = self._ops.popleft()
+            # Also those submitted after the pass looked at the pending ops.
+            self.gathering.answered(op)
             if op.not_before > now:
                 heapq.heappush(
                     self._delayed, (op.not_before, next(self._sequence), op))

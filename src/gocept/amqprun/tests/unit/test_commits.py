@@ -31,11 +31,11 @@ from gocept.amqprun.tests.unit.fakes import outgoing_message
 from gocept.amqprun.tests.unit.fakes import resolved
 
 
-def commit_queue(commit_delay=0):
+def commit_queue(commit_delay=0, workers=None):
     """A commit queue of a connection in its first generation."""
     history = ConnectionHistory()
     history.connected()
-    commits = CommitQueue(history, commit_delay)
+    commits = CommitQueue(history, commit_delay, workers)
     commits.broker = FakeBroker()
     commits.channel = commits.broker.channel()
     commits.send_channel = commits.broker.channel()
@@ -849,3 +849,16 @@ def test_the_deliveries_of_a_lost_connection_are_forgotten():
     gathering.delivered(Delivery(2, 1, received=99))
     pending = collections.deque([Commit(Delivery(2, 1, received=99), [])])
     assert not gathering.should_wait(pending, 100.1)
+
+
+def test_an_op_taken_without_a_look_first_still_frees_its_worker():
+    commits = commit_queue(commit_delay=10, workers=1)
+    old = Delivery(1, 1, received=time.monotonic() - 100)
+    commits.delivered(old)
+    commits.submit(Commit(old, []))
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, gather=False)
+    commits.delivered(delivered(2))  # the one worker takes it now
+    commits.submit(Commit(None, [outgoing_message()]))
+    run_pass(commits)
+    assert commits.send_channel.calls == []
