@@ -754,13 +754,20 @@ def test_committed_transactions_and_their_ops_are_counted(commits):
 
 # -- gathering: waiting for the handlers that just began ---------------------
 
-def test_a_pass_waits_for_the_handler_of_a_delivery_just_received(
-        gathering_commits):
-    commits = gathering_commits
+def one_of_two_handlers_done(commits):
+    """Hand out two deliveries and submit the op of the first; return the
+    second."""
     first, second = delivered(1), delivered(2)
     commits.delivered(first)
     commits.delivered(second)
     commits.submit(Commit(first, [outgoing_message(b'1')]))
+    return second
+
+
+def test_a_pass_waits_for_the_handler_of_a_delivery_just_received(
+        gathering_commits):
+    commits = gathering_commits
+    second = one_of_two_handlers_done(commits)
     run_pass(commits)
     assert commits.channel.calls == []
     commits.submit(Commit(second, [outgoing_message(b'2')]))
@@ -785,28 +792,24 @@ def test_a_handler_that_began_before_the_delay_is_not_waited_for():
 
 
 def test_without_commit_delay_a_pass_commits_at_once(commits):
-    commits.delivered(delivered(1))
-    commits.delivered(delivered(2))
-    commits.submit(Commit(delivered(1), []))
+    one_of_two_handlers_done(commits)
     run_pass(commits)
-    assert commits.channel.names == ['basic_ack', 'tx_commit']
+    assert commits.channel.names == ['basic_ack', 'basic_publish',
+                                     'tx_commit']
 
 
 def test_a_pass_without_gathering_commits_at_once(gathering_commits):
     commits = gathering_commits
-    commits.delivered(delivered(1))
-    commits.delivered(delivered(2))
-    commits.submit(Commit(delivered(1), []))
+    one_of_two_handlers_done(commits)
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, gather=False)
-    assert commits.channel.names == ['basic_ack', 'tx_commit']
+    assert commits.channel.names == ['basic_ack', 'basic_publish',
+                                     'tx_commit']
 
 
 def test_poll_timeout_while_gathering_is_the_time_left(gathering_commits):
     commits = gathering_commits
-    commits.delivered(delivered(1))
-    commits.delivered(delivered(2))
-    commits.submit(Commit(delivered(1), []))
+    one_of_two_handlers_done(commits)
     assert commits.poll_timeout(60) == 0  # no pass has let it wait yet
     run_pass(commits)
     assert 9 < commits.poll_timeout(60) <= 10
