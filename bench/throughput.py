@@ -8,7 +8,7 @@ by ``AMQP_HOSTNAME`` etc. or a private loopback node started here.
 Usage::
 
     python bench/throughput.py [--messages N] [--workers 1,16,64]
-                               [--metrics] ...
+                               [--metrics] [--tree NAME=DIR] ...
 
 Every run gets a fresh virtual host (or, with ``AMQP_VIRTUALHOST``, queue
 names of its own) and is preloaded with N persistent messages in a durable
@@ -370,7 +370,7 @@ class Daemon:
     """The ``server`` script in a subprocess, serving one run's queues."""
 
     def __init__(self, broker, virtual_host, names, workers, directory,
-                 metrics=False, prefetch=None):
+                 metrics=False, prefetch=None, source=None):
         directory = tempfile.mkdtemp(prefix='daemon-%dw-' % workers,
                                      dir=directory)
         mapping = dict(broker.config_mapping(virtual_host),
@@ -383,8 +383,9 @@ class Daemon:
             directory, ZCML, CONFIG + METRICS_SECTION if metrics else CONFIG,
             mapping)
         env = dict(os.environ, **names.environment())
+        # ``source`` (another tree's src) comes before the installed one.
         env['PYTHONPATH'] = os.pathsep.join(
-            filter(None, [HERE, os.environ.get('PYTHONPATH')]))
+            filter(None, [HERE, source, os.environ.get('PYTHONPATH')]))
         self.workers = workers
         self.process = gocept.amqprun.testing.ServerProcess(config, env=env)
 
@@ -461,9 +462,10 @@ METRICS_SECTION = """
 
 
 def run_daemon(broker, virtual_host, names, count, workers, directory,
-               profile=None, metrics=False, prefetch=None):
+               profile=None, metrics=False, prefetch=None, source=None):
     """Run the daemon with ``workers`` workers on the preloaded queue (and
     a ``<metrics>`` section with ``metrics``, a ``prefetch_count`` unless
+    None, the gocept.amqprun of the ``src`` directory ``source`` unless
     None).
 
     Measured from the first look at the reply queue that saw replies to
@@ -471,7 +473,7 @@ def run_daemon(broker, virtual_host, names, count, workers, directory,
     and of the broker meanwhile.
     """
     daemon = Daemon(broker, virtual_host, names, workers, directory,
-                    metrics, prefetch)
+                    metrics, prefetch, source)
     meter = Meter(None, broker.pid)
     profiler = None
     with connected(broker, virtual_host) as connection:
@@ -683,6 +685,21 @@ def worker_amounts(text):
     return [(run[0], run[1] if len(run) == 2 else None) for run in runs]
 
 
+def source_tree(text):
+    """``NAME=DIR`` -> (NAME, absolute DIR): a checkout's ``src`` (or the
+    checkout itself) holding ``gocept/amqprun``."""
+    name, _, directory = text.partition('=')
+    if not name or not directory:
+        raise argparse.ArgumentTypeError('not NAME=DIR: %r' % text)
+    directory = os.path.abspath(directory)
+    for candidate in (directory, os.path.join(directory, 'src')):
+        if os.path.isfile(os.path.join(
+                candidate, 'gocept', 'amqprun', '__init__.py')):
+            return name, candidate
+    raise argparse.ArgumentTypeError(
+        'no gocept/amqprun in %s or its src/' % directory)
+
+
 def parse_arguments(argv):
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -716,6 +733,11 @@ def parse_arguments(argv):
                         help='record each daemon run with py-spy (must be '
                              'installed) into DIR/daemon-<workers>w-<n>.txt '
                              '(collapsed stacks)')
+    parser.add_argument('--tree', type=source_tree, action='append',
+                        default=[], metavar='NAME=DIR',
+                        help='also run every daemon run with the '
+                             'gocept.amqprun of the checkout DIR, named '
+                             'NAME in the table (repeatable)')
     parser.add_argument('--metrics', action='store_true',
                         help='add a %d-worker daemon run with <metrics> and '
                              'print its ratio to the plain one (goal: 0.95)'
@@ -867,11 +889,11 @@ def plan(arguments, broker, directory):
                            prefetch)
         return run
 
-    def daemon(amount, metrics=False, prefetch=None):
+    def daemon(amount, metrics=False, prefetch=None, source=None):
         def run(virtual_host, names):
             return run_daemon(broker, virtual_host, names, count, amount,
                               directory, arguments.profile, metrics,
-                              prefetch)
+                              prefetch, source)
         return run
 
     runs = [('raw, commit per message', raw(1, GOAL_WORKERS)),
@@ -881,6 +903,9 @@ def plan(arguments, broker, directory):
         if prefetch is not None:
             name += ', prefetch %d' % prefetch
         runs.append((name, daemon(amount, prefetch=prefetch)))
+        for tree, source in arguments.tree:
+            runs.append(('%s [%s]' % (name, tree),
+                         daemon(amount, prefetch=prefetch, source=source)))
     if arguments.metrics:
         runs.append((METRICS_RUN, daemon(GOAL_WORKERS, metrics=True)))
     return runs
@@ -910,12 +935,16 @@ def run_rounds(arguments, broker, directory):
     """Every run, ``repeat`` times; return (name, [Result, ...]) pairs.
 
     Rounds interleave the runs, so that a slow phase of the broker's disk
-    hits them alike rather than one run.
+    hits them alike rather than one run; every other round runs them in
+    the reverse order, so that none always comes first.
     """
     runs = plan(arguments, broker, directory)
     results = [(name, []) for name, _ in runs]
     for round_number in range(1, arguments.repeat + 1):
-        for (name, run), (_, run_results) in zip(runs, results):
+        order = list(zip(runs, results))
+        if round_number % 2 == 0:
+            order.reverse()
+        for (name, run), (_, run_results) in order:
             label = '%s (round %d)' % (name, round_number)
             run_results.append(measure(
                 broker, label, arguments.messages, arguments.size, run))
