@@ -277,8 +277,8 @@ def open_channel(connection):
 class OpChannel:
     """The face of an AMQP channel that channel ops see.
 
-    The frames of the ops are collected and written in one go, followed
-    by ``tx.commit`` (:meth:`commit`), or by the commit queue before
+    The frames of the ops are collected and written in one go, with
+    ``tx.commit`` after them (:meth:`send_commit`), or before
     ``tx.rollback`` (:meth:`flush`): one write per transaction instead of
     one per ack, per publish and for the commit. Until then nothing of
     them is on the wire, which changes nothing for the broker: it acts on
