@@ -13,6 +13,12 @@ import uuid
 import amqp
 
 
+def message_id(body):
+    """The message id :func:`publish` and :class:`Producer` give ``body``.
+    """
+    return '<%s@faults>' % body.decode()
+
+
 def numbered(count, prefix=None):
     """``count`` distinct bodies ``b'<prefix>:<n>'`` (prefix: unique run)."""
     prefix = prefix or uuid.uuid4().hex[:8]
@@ -62,7 +68,7 @@ def publish(broker, virtual_host, bodies, routing_key, headers=None):
         for body in bodies:
             channel.basic_publish(
                 amqp.Message(body, delivery_mode=2,
-                             message_id='<%s@faults>' % body.decode(),
+                             message_id=message_id(body),
                              application_headers=dict(headers or {})),
                 exchange='amq.topic', routing_key=routing_key)
     finally:
@@ -123,7 +129,7 @@ class Producer(threading.Thread):
             body = self.bodies[self.confirmed]
             channel.basic_publish_confirm(
                 amqp.Message(body, delivery_mode=2,
-                             message_id='<%s@faults>' % body.decode()),
+                             message_id=message_id(body)),
                 exchange='amq.topic', routing_key=self.routing_key,
                 confirm_timeout=30)
             self.confirmed += 1

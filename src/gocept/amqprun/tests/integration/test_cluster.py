@@ -28,6 +28,7 @@ from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
 from gocept.amqprun.tests.integration.faults_tally import Producer
 from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import declare_queue
+from gocept.amqprun.tests.integration.faults_tally import message_id
 from gocept.amqprun.tests.integration.faults_tally import numbered
 
 
@@ -217,7 +218,7 @@ def explained_by(cluster, vhost, daemon, missing):
                              vhost, 'name', 'messages_ready',
                              'messages_unacknowledged', 'leader', 'online')
         lines = daemon.output.splitlines()
-        ids = ['<%s@faults>' % body.decode() for body in missing()[:3]]
+        ids = [message_id(body) for body in missing()[:3]]
         about = [line for line in lines if any(id in line for id in ids)]
         raise AssertionError(
             '%s\nqueues:\n%s\ndaemon about %s:\n%s\ndaemon:\n%s' % (
@@ -244,9 +245,9 @@ def broker_confirmed(body, output):
     quorum queue never arrive while a node stops; a plain py-amqp loop
     shows it too (docs/cluster.rst).
     """
-    message_id = '<%s@faults>' % body.decode()
-    return any(('Handled message %s ' % message_id in line)
-               or ('Message %s ' % message_id in line
+    wanted = message_id(body)
+    return any(('Handled message %s ' % wanted in line)
+               or ('Message %s ' % wanted in line
                    and 'during the AMQP commit' in line)
                for line in output.splitlines())
 

@@ -14,6 +14,7 @@ from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration import database_handlers
 from gocept.amqprun.tests.integration.database_handlers import REPLY_KEY  # noqa: F401,E501 (read by the replies fixture)
 from gocept.amqprun.tests.integration.faults_tally import Replies
+from gocept.amqprun.tests.integration.faults_tally import message_id
 from gocept.amqprun.tests.integration.faults_tally import numbered
 from gocept.amqprun.tests.integration.faults_tally import publish
 from gocept.amqprun.tests.integration.test_faults import FAST_RECONNECT
@@ -92,11 +93,6 @@ class Store:
                     'SELECT count(*) FROM pg_prepared_xacts')).scalar()
         finally:
             engine.dispose()
-
-
-def message_id(body):
-    """The message id ``faults_tally.publish`` gives ``body``."""
-    return '<%s@faults>' % body.decode()
 
 
 def start(amqp_main, store, *settings, **kw):

@@ -28,6 +28,7 @@ from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
 from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import connect
 from gocept.amqprun.tests.integration.faults_tally import declare_queue
+from gocept.amqprun.tests.integration.faults_tally import message_id
 from gocept.amqprun.tests.integration.faults_tally import numbered
 from gocept.amqprun.tests.integration.faults_tally import publish
 
@@ -243,7 +244,7 @@ def test_poison_message_is_dead_lettered_after_max_attempts_without_spinning(
             'RuntimeError: poison message')
         assert headers['x-amqprun-routing-key'] == 'faults.poison'
         assert message.properties['message_id'] == (
-            '<%s@faults>' % poison.decode())
+            message_id(poison))
         attempts = [at for _, at in faults_handlers.calls_for(poison)]
         assert len(attempts) == 3
         gaps = [later - earlier
