@@ -848,10 +848,10 @@ def test_deliveries_no_worker_can_take_yet_are_not_waited_for():
 
 def test_the_deliveries_of_a_lost_connection_are_forgotten():
     gathering = Gathering(0.5)
-    gathering.delivered(Delivery(1, 1, received=100))
-    gathering.delivered(Delivery(2, 1, received=99))
-    pending = collections.deque([Commit(Delivery(2, 1, received=99), [])])
-    assert not gathering.should_wait(pending, 100.1)
+    gathering.delivered(Delivery(1, 1, received=100))  # its op never comes
+    gathering.delivered(Delivery(2, 1, received=99))  # the next connection
+    send = collections.deque([Commit(None, [outgoing_message()])])
+    assert not gathering.should_wait(send, 100.1)
 
 
 def test_an_op_taken_without_a_look_first_still_frees_its_worker():

@@ -306,35 +306,37 @@ def deliver(server, tag):
     return server.tasks.get_nowait().message.delivery
 
 
-def test_a_commit_waits_for_the_handler_of_a_message_just_received():
+@pytest.fixture
+def gathering_server():
+    """A connected server whose passes wait up to 10 s for recent
+    handlers."""
     server = make_server(commit_delay=10)
-    try:
-        reconnect(server)
-        first, second = deliver(server, 1), deliver(server, 2)
-        server.submit(Commit(first, []))
-        server._commit_due()
-        assert server._channel.calls == []
-        server.submit(Commit(second, []))
-        server._commit_due()
-        assert server._channel.names == ['basic_ack', 'basic_ack',
-                                         'tx_commit']
-    finally:
-        close_server(server)
+    reconnect(server)
+    yield server
+    close_server(server)
 
 
-def test_the_last_pass_before_the_stop_does_not_wait():
-    server = make_server(commit_delay=10)
-    try:
-        reconnect(server)
-        first, _ = deliver(server, 1), deliver(server, 2)
-        op = Commit(first, [])
-        server.submit(op)
-        server.stop()
-        server._serve()
-        assert server._channel.names == ['basic_ack', 'tx_commit']
-        assert error_of(op) is None
-    finally:
-        close_server(server)
+def test_a_commit_waits_for_the_handler_of_a_message_just_received(
+        gathering_server):
+    server = gathering_server
+    first, second = deliver(server, 1), deliver(server, 2)
+    server.submit(Commit(first, []))
+    server._commit_due()
+    assert server._channel.calls == []
+    server.submit(Commit(second, []))
+    server._commit_due()
+    assert server._channel.names == ['basic_ack', 'basic_ack', 'tx_commit']
+
+
+def test_the_last_pass_before_the_stop_does_not_wait(gathering_server):
+    server = gathering_server
+    first, _ = deliver(server, 1), deliver(server, 2)
+    op = Commit(first, [])
+    server.submit(op)
+    server.stop()
+    server._serve()
+    assert server._channel.names == ['basic_ack', 'tx_commit']
+    assert error_of(op) is None
 
 
 def test_ops_on_the_other_channel_are_not_left_hanging(server):
