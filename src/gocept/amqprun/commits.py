@@ -45,6 +45,13 @@ claimed (its waiter then waits however long) and held, not written: the
 broker would stop reading the socket after the first publish and the I/O
 thread would hang in ``tx.commit``. Held ops go first once the block ends;
 at a loss or stop they are resolved like pending ones.
+
+While refused messages wait to be published again (a ``Republish`` is
+pending), ops that publish are held the same way: a queue that refused
+one result refuses the next ones too, and each refused transaction would
+have its acks applied, its results only in this process's memory. Held,
+their messages stay unacknowledged on the broker (redelivered should the
+process die); only the ``Republish`` goes ahead.
 """
 import collections
 import heapq
@@ -150,6 +157,8 @@ class CommitQueue:
         #: Callables ``observer(size, seconds)`` told about each AMQP
         #: transaction committed (see ``IServer.commit_observers``).
         self.observers = []
+        #: True while ops are held because a ``Republish`` is pending.
+        self._holding_for_republish = False
         #: Keys of received messages whose publish the broker refused.
         self._suspects = collections.OrderedDict()
         #: AMQP transactions committed, and the ops they carried (the mean
@@ -286,17 +295,35 @@ class CommitQueue:
 
     def _claim_due(self, now, blocked):
         """The ops to execute now, claimed; hold publishing ones while
-        ``blocked``."""
-        if not blocked:
-            held, self._held = self._held, []
-            yield from held
-        for op in self._take_due(now):
-            if not op.claim():
-                continue  # its waiter gave up; it must not happen now
-            if blocked and op.publishes:
+        ``blocked`` or while a ``Republish`` is pending (except that)."""
+        republishing = self._republish_pending()
+        if republishing and not self._holding_for_republish:
+            log.info('Commits that publish wait until the broker takes '
+                     'the messages it refused')
+        elif self._holding_for_republish and not republishing:
+            log.info('The refused messages are published; %d held '
+                     'commit(s) go ahead', len(self._held))
+        self._holding_for_republish = republishing
+        held, self._held = self._held, []
+        for op in itertools.chain(held, self._claim_taken(now)):
+            if op.publishes and (blocked or (republishing and not isinstance(
+                    op, gocept.amqprun.channelops.Republish))):
                 self._held.append(op)
-                continue
-            yield op
+            else:
+                yield op
+
+    def _claim_taken(self, now):
+        for op in self._take_due(now):
+            if op.claim():
+                yield op
+            # else its waiter gave up; it must not happen now
+
+    def _republish_pending(self):
+        """True while a ``Republish`` waits (queued, delayed or held)."""
+        republish = gocept.amqprun.channelops.Republish
+        waiting = itertools.chain(
+            list(self._ops), (item[2] for item in self._delayed), self._held)
+        return any(isinstance(op, republish) for op in waiting)
 
     def _take_due(self, now):
         while self._ops:

@@ -289,33 +289,82 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
 
 # -- 4a. a queue that refuses the replies -------------------------------------
 
+#: A reply queue that is full once it holds three messages and then
+#: refuses what comes on top.
+FULL = {'x-max-length': 3, 'x-overflow': 'reject-publish'}
+
+
+@pytest.fixture
+def full_queue_daemon(daemon, amqp_broker, amqp_vhost):
+    """A daemon of ``numbers`` whose replies go to a full ``FULL`` queue."""
+    declare_queue(amqp_broker, amqp_vhost, 'faults.full', REPLY_KEY,
+                  arguments=FULL)
+    publish(amqp_broker, amqp_vhost, numbered(3, 'filler'), REPLY_KEY)
+    return daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
+                  amqp_extra=FAST_RECONNECT)
+
+
+def refusals(runner):
+    """How often the daemon logged a transaction applied only in part."""
+    return sum('refused one of its publishes' in line
+               for line in log_lines(runner.config_path, 'WARNING'))
+
+
+def make_room_and_wait_for(broker, virtual_host, bodies):
+    """Empty the full queue; wait until the replies to ``bodies`` came."""
+    with connect(broker, virtual_host) as connection:
+        connection.channel().queue_purge('faults.full')
+    replies = Replies(broker, virtual_host, REPLY_KEY, queue='faults.full',
+                      arguments=FULL)
+    try:
+        replies.wait_for(bodies, timeout=60)
+    finally:
+        replies.delete()
+
+
+def messages_kept(broker, virtual_host, queue):
+    """How many messages the broker keeps in ``queue``: ready, or
+    delivered and not acknowledged."""
+    output = broker.ctl('list_queues', '-q', '--no-table-headers', '-p',
+                        virtual_host, 'name', 'messages')
+    counts = dict(line.split() for line in output.splitlines())
+    return int(counts[queue])
+
+
 def test_replies_a_full_queue_refuses_are_published_again_not_lost(
-        daemon, amqp_broker, amqp_vhost):
+        full_queue_daemon, amqp_broker, amqp_vhost):
     # RabbitMQ applies the acks of such a transaction and then fails it
     # ("partial tx completion"): the requests are gone, the replies must
     # not be.
-    full = {'x-max-length': 3, 'x-overflow': 'reject-publish'}
-    declare_queue(amqp_broker, amqp_vhost, 'faults.full', REPLY_KEY,
-                  arguments=full)
-    publish(amqp_broker, amqp_vhost, numbered(3, 'filler'), REPLY_KEY)
-    runner = daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
-                    amqp_extra=FAST_RECONNECT)
     bodies = numbered(3)
     publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
-    wait_for(lambda: any('refused one of its publishes' in line
-                         for line in log_lines(runner.config_path,
-                                               'WARNING')), 30,
+    wait_for(lambda: refusals(full_queue_daemon) >= 1, 30,
              message='the broker refused no publish')
-    with connect(amqp_broker, amqp_vhost) as connection:
-        connection.channel().queue_purge('faults.full')  # room again
-    replies = Replies(amqp_broker, amqp_vhost, REPLY_KEY, queue='faults.full',
-                      arguments=full)
-    try:
-        replies.wait_for(bodies, timeout=30)
-    finally:
-        replies.delete()
+    make_room_and_wait_for(amqp_broker, amqp_vhost, bodies)
     assert queue_length(amqp_broker, amqp_vhost, 'faults.numbers') == 0
-    assert not log_lines(runner.config_path, 'ERROR')
+    assert not log_lines(full_queue_daemon.config_path, 'ERROR')
+
+
+def test_while_a_queue_refuses_replies_no_further_request_is_acknowledged(
+        full_queue_daemon, amqp_broker, amqp_vhost):
+    # Acknowledged with their replies refused, requests would live on in
+    # the daemon's memory only, until the queue takes the replies.
+    first = numbered(1, 'first')
+    publish(amqp_broker, amqp_vhost, first, 'faults.number')
+    wait_for(lambda: refusals(full_queue_daemon) >= 1, 30,
+             message='the broker refused no publish')
+    later = numbered(6)
+    publish(amqp_broker, amqp_vhost, later, 'faults.number')
+    # The republish of the first reply is refused twice more meanwhile.
+    wait_for(lambda: refusals(full_queue_daemon) >= 3, 30,
+             message='the republish was not tried again')
+    assert messages_kept(amqp_broker, amqp_vhost, 'faults.numbers') == len(
+        later)
+    assert any('Commits that publish wait' in line
+               for line in log_lines(full_queue_daemon.config_path, 'INFO'))
+    make_room_and_wait_for(amqp_broker, amqp_vhost, first + later)
+    assert queue_length(amqp_broker, amqp_vhost, 'faults.numbers') == 0
+    assert not log_lines(full_queue_daemon.config_path, 'ERROR')
 
 
 # -- 4b. a reply the broker refuses ------------------------------------------

@@ -362,6 +362,57 @@ def test_republish_that_never_happens_leaves_its_op_in_doubt(
     assert 'may be lost' in caplog.text
 
 
+def refuse_a_reply(commits):
+    """A pass whose transaction the broker applies only in part; return
+    the op whose reply it refused (its Republish is pending now)."""
+    commits.channel.fail['tx_commit'] = partial_commit()
+    refused = Commit(delivered(1), [outgoing_message(b'refused')])
+    commits.submit(refused)
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        commits.commit_due(commits.channel, commits.send_channel,
+                           commits.scratch, now=1000)
+    del commits.channel.fail['tx_commit']
+    commits.channel = commits.broker.channel()  # the next connection's
+    return refused
+
+
+def test_publishing_ops_wait_while_refused_messages_are_published_again(
+        commits):
+    refused = refuse_a_reply(commits)
+    replying = Commit(delivered(2), [outgoing_message(b'reply')])
+    send = Commit(None, [outgoing_message(b'send')])
+    acking = Commit(delivered(3), [])
+    for op in (replying, send, acking):
+        commits.submit(op)
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=1000.1)
+    # Committed, the reply would be refused too, after its ack: held, its
+    # request stays unacknowledged on the broker.
+    assert commits.held == 2
+    assert commits.channel.names == ['basic_ack', 'tx_commit']
+    assert commits.send_channel.calls == []
+    assert not resolved(replying) and not resolved(send)
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=1001)  # the republish is due
+    assert commits.send_channel.calls[0][1] == b'refused'
+    assert error_of(refused) is None
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=1001.1)
+    assert commits.held == 0
+    assert error_of(replying) is None and error_of(send) is None
+
+
+def test_a_republish_held_by_a_blocked_broker_goes_once_unblocked(commits):
+    refused = refuse_a_reply(commits)
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=1001, blocked=True)
+    assert commits.held == 1
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=1001.1)
+    assert commits.held == 0
+    assert error_of(refused) is None
+
+
 def test_partial_commit_is_told_from_other_refusals():
     assert is_partial_commit(partial_commit())
     assert not is_partial_commit(amqp.exceptions.PreconditionFailed(
