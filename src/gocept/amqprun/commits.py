@@ -157,8 +157,9 @@ class CommitQueue:
         #: Callables ``observer(size, seconds)`` told about each AMQP
         #: transaction committed (see ``IServer.commit_observers``).
         self.observers = []
-        #: True while ops are held because a ``Republish`` is pending.
-        self._holding_for_republish = False
+        #: How many refused messages wait to be published again (while
+        #: there are any, ops that publish are held); as of the last pass.
+        self.republishing = 0
         #: Keys of received messages whose publish the broker refused.
         self._suspects = collections.OrderedDict()
         #: AMQP transactions committed, and the ops they carried (the mean
@@ -296,14 +297,14 @@ class CommitQueue:
     def _claim_due(self, now, blocked):
         """The ops to execute now, claimed; hold publishing ones while
         ``blocked`` or while a ``Republish`` is pending (except that)."""
-        republishing = self._republish_pending()
-        if republishing and not self._holding_for_republish:
+        republishing = self._messages_to_republish()
+        if republishing and not self.republishing:
             log.info('Commits that publish wait until the broker takes '
-                     'the messages it refused')
-        elif self._holding_for_republish and not republishing:
+                     'the %d message(s) it refused', republishing)
+        elif self.republishing and not republishing:
             log.info('The refused messages are published; %d held '
                      'commit(s) go ahead', len(self._held))
-        self._holding_for_republish = republishing
+        self.republishing = republishing
         held, self._held = self._held, []
         for op in itertools.chain(held, self._claim_taken(now)):
             if op.publishes and (blocked or (republishing and not isinstance(
@@ -318,12 +319,14 @@ class CommitQueue:
                 yield op
             # else its waiter gave up; it must not happen now
 
-    def _republish_pending(self):
-        """True while a ``Republish`` waits (queued, delayed or held)."""
+    def _messages_to_republish(self):
+        """The messages of the ``Republish`` ops that wait (queued,
+        delayed or held)."""
         republish = gocept.amqprun.channelops.Republish
         waiting = itertools.chain(
             list(self._ops), (item[2] for item in self._delayed), self._held)
-        return any(isinstance(op, republish) for op in waiting)
+        return sum(len(op.messages) for op in waiting
+                   if isinstance(op, republish))
 
     def _take_due(self, now):
         while self._ops:

@@ -560,6 +560,13 @@ class IServer(ILoop, ISender):
     node = zope.interface.Attribute(
         '``host:port`` of the broker node the server is connected to, or '
         'None while it is not connected.')
+    republishing = zope.interface.Attribute(
+        'How many messages a queue refused wait to be published again '
+        '(see ``commits.CommitQueue``); while there are any, commits that '
+        'publish are held.')
+    held = zope.interface.Attribute(
+        'How many commits are held: while the broker blocks publishing or '
+        'refused messages wait to be published again.')
 
     def stop_consuming():
         """Cancel the consumers at the next loop pass; any thread.

@@ -101,6 +101,10 @@ class Health:
         if server.blocked is not None:
             return False, 'blocked', (
                 'The broker blocks publishing: %s' % server.blocked)
+        if server.republishing:
+            return False, 'republishing', (
+                'A queue refused %d message(s); commits that publish wait '
+                'until they are published again' % server.republishing)
         if self.expects_consumers and not server.consuming:
             return False, 'not-consuming', 'Connected, but not consuming'
         return True, 'ready', None
@@ -153,6 +157,14 @@ class StateCollector:
         yield gauge('amqprun_blocked',
                     'Whether the broker blocks publishing (0/1).',
                     value=int(server.blocked is not None))
+        yield gauge('amqprun_commits_held',
+                    'Commits held while the broker blocks publishing or '
+                    'refused messages wait to be published again.',
+                    value=server.held)
+        yield gauge('amqprun_messages_to_republish',
+                    'Messages a queue refused that wait to be published '
+                    'again (while there are any, commits that publish are '
+                    'held).', value=server.republishing)
         yield gauge('amqprun_ready', 'Whether /readyz says ready (0/1).',
                     value=int(health.readiness()[0]))
         yield gauge('amqprun_live', 'Whether /healthz says alive (0/1).',

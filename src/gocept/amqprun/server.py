@@ -146,6 +146,16 @@ class Server(gocept.amqprun.process.LoopState):
         """The largest body ``send`` accepts (the parameters')."""
         return self.parameters.max_message_size
 
+    @property
+    def republishing(self):
+        """How many refused messages wait to be published again."""
+        return self.commits.republishing
+
+    @property
+    def held(self):
+        """How many commits are held (blocked broker, refused messages)."""
+        return self.commits.held
+
     def stop(self):
         """Make ``start()`` return: it closes the connection first.
 
@@ -464,7 +474,7 @@ class Server(gocept.amqprun.process.LoopState):
         """py-amqp calls it from inside a frame read: only take note; the
         next pass of the loop carries out the held commits."""
         log.info('publishing unblocked by the broker; %d held commit(s) '
-                 'go ahead (node %s)', self.commits.held, self.node)
+                 'go ahead (node %s)', self.held, self.node)
         self.blocked = None
 
     def _read_frames(self, sock):

@@ -294,12 +294,17 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
 FULL = {'x-max-length': 3, 'x-overflow': 'reject-publish'}
 
 
+def fill_reply_queue(broker, virtual_host):
+    """Make the replies of ``numbers`` go to a full ``FULL`` queue."""
+    declare_queue(broker, virtual_host, 'faults.full', REPLY_KEY,
+                  arguments=FULL)
+    publish(broker, virtual_host, numbered(3, 'filler'), REPLY_KEY)
+
+
 @pytest.fixture
 def full_queue_daemon(daemon, amqp_broker, amqp_vhost):
     """A daemon of ``numbers`` whose replies go to a full ``FULL`` queue."""
-    declare_queue(amqp_broker, amqp_vhost, 'faults.full', REPLY_KEY,
-                  arguments=FULL)
-    publish(amqp_broker, amqp_vhost, numbered(3, 'filler'), REPLY_KEY)
+    fill_reply_queue(amqp_broker, amqp_vhost)
     return daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
                   amqp_extra=FAST_RECONNECT)
 

@@ -19,6 +19,9 @@ import gocept.amqprun.status
 import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration import handlers
+from gocept.amqprun.tests.integration import test_faults
+from gocept.amqprun.tests.integration.faults_tally import numbered
+from gocept.amqprun.tests.integration.faults_tally import publish
 from gocept.amqprun.tests.integration.test_faults import FAST_RECONNECT
 from gocept.amqprun.tests.integration.test_faults import free_port
 from gocept.amqprun.tests.integration.test_main import zcml
@@ -195,6 +198,25 @@ def test_broker_restart_turns_readiness_503_and_back_while_alive(
     losses = sum(value for (name, _), value in scrape(runner).items()
                  if name == 'amqprun_connection_losses_total')
     assert losses >= 1
+
+
+def test_a_queue_refusing_replies_turns_readiness_503_until_they_are_in(
+        daemon, amqp_broker, amqp_vhost):
+    test_faults.fill_reply_queue(amqp_broker, amqp_vhost)
+    runner = daemon(test_faults.zcml('numbers'), workers=2,
+                    amqp_extra='\n  '.join(FAST_RECONNECT))
+    bodies = numbered(2)
+    publish(amqp_broker, amqp_vhost, bodies, 'faults.number')
+    wait_for(lambda: probe(runner, '/readyz')[1]['status'] == 'republishing',
+             30, message='readiness never said republishing')
+    status, document = probe(runner, '/readyz')
+    assert status == 503
+    assert document['reason'].startswith('A queue refused ')
+    assert sample(runner, 'amqprun_messages_to_republish') >= 1
+    test_faults.make_room_and_wait_for(amqp_broker, amqp_vhost, bodies)
+    wait_for(lambda: probe(runner, '/readyz')[0] == 200, 30)
+    assert sample(runner, 'amqprun_messages_to_republish') == 0
+    assert sample(runner, 'amqprun_commits_held') == 0
 
 
 @pytest.mark.filterwarnings(

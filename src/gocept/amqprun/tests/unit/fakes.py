@@ -194,6 +194,8 @@ class FakeServer:
 
     running = True
     blocked = None
+    republishing = 0
+    held = 0
     node = 'localhost:5672'
     max_message_size = gocept.amqprun.parameters.DEFAULT_MAX_MESSAGE_SIZE
 

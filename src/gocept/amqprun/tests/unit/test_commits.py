@@ -389,6 +389,7 @@ def test_publishing_ops_wait_while_refused_messages_are_published_again(
     # Committed, the reply would be refused too, after its ack: held, its
     # request stays unacknowledged on the broker.
     assert commits.held == 2
+    assert commits.republishing == 1
     assert commits.channel.names == ['basic_ack', 'tx_commit']
     assert commits.send_channel.calls == []
     assert not resolved(replying) and not resolved(send)
@@ -399,6 +400,7 @@ def test_publishing_ops_wait_while_refused_messages_are_published_again(
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, now=1001.1)
     assert commits.held == 0
+    assert commits.republishing == 0
     assert error_of(replying) is None and error_of(send) is None
 
 

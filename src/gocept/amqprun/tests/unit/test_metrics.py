@@ -162,6 +162,14 @@ def test_blocked_by_the_broker_is_not_ready(health, server):
         False, 'blocked', 'The broker blocks publishing: low on memory')
 
 
+def test_refused_messages_waiting_to_be_published_again_is_not_ready(
+        health, server):
+    server.republishing = 3
+    assert health.readiness() == (
+        False, 'republishing', 'A queue refused 3 message(s); commits that '
+        'publish wait until they are published again')
+
+
 def test_node_comes_from_the_server_when_it_knows_it(health, server):
     server.node = 'rabbit-2:5672'
     assert health.node() == 'rabbit-2:5672'
@@ -277,6 +285,8 @@ def test_state_is_read_when_scraped(metrics, server, clock):
     assert value(metrics, 'amqprun_connected') == 1
     assert value(metrics, 'amqprun_consuming') == 1
     assert value(metrics, 'amqprun_blocked') == 0
+    assert value(metrics, 'amqprun_commits_held') == 0
+    assert value(metrics, 'amqprun_messages_to_republish') == 0
     assert value(metrics, 'amqprun_ready') == 1
     assert value(metrics, 'amqprun_live') == 1
     assert value(metrics, 'amqprun_reconnects_total') == 2
