@@ -51,13 +51,16 @@ pending), ops that publish are held the same way: a queue that refused
 one result refuses the next ones too, and each refused transaction would
 have its acks applied, its results only in this process's memory. Held,
 their messages stay unacknowledged on the broker (redelivered should the
-process die); only the ``Republish`` goes ahead.
+process die); only the ``Republish`` goes ahead, on the scratch channel:
+a refusal costs that channel, not the connection.
 """
 import collections
 import heapq
 import itertools
 import logging
 import time
+
+import amqp.exceptions
 
 import gocept.amqprun.channelops
 import gocept.amqprun.connection
@@ -212,7 +215,7 @@ class CommitQueue:
         batches = {}
         taken = []
         for op in self._claim_due(now, blocked):
-            target = self._channel_for(op, channel, send_channel)
+            target = self._channel_for(op, channel, send_channel, scratch)
             if target is None:
                 op.resolve(self.history.stale_error(op.delivery))
                 continue
@@ -232,7 +235,10 @@ class CommitQueue:
         batches = list(batches.values())
         for number, (target, ops) in enumerate(batches):
             try:
-                self._commit_batch(target, ops, scratch, now)
+                if target is scratch:
+                    self._commit_republishes(ops, scratch, now)
+                else:
+                    self._commit_batch(target, ops, scratch, now)
             except gocept.amqprun.connection.CONNECTION_ERRORS:
                 # The other channels' batches were taken already: resolve
                 # them here or their waiters hang.
@@ -341,7 +347,9 @@ class CommitQueue:
         while self._delayed and self._delayed[0][0] <= now:
             yield heapq.heappop(self._delayed)[2]
 
-    def _channel_for(self, op, channel, send_channel):
+    def _channel_for(self, op, channel, send_channel, scratch):
+        if isinstance(op, gocept.amqprun.channelops.Republish):
+            return scratch  # see _commit_republishes
         if op.delivery is None:
             return send_channel
         if not self.history.is_current(op.delivery):
@@ -377,7 +385,7 @@ class CommitQueue:
                 if committing and gocept.amqprun.connection.is_partial_commit(
                         e):
                     self._publish_again(ops, e, now)
-                elif committing and self._was_refused(e):
+                elif committing and self._was_refused(e, channel):
                     self._isolate(ops, e, scratch)
                 else:
                     self._fail_batch(ops, e, committing, now)
@@ -401,10 +409,30 @@ class CommitQueue:
             for observer in self.observers:
                 observer(len(ops), seconds)
 
-    def _was_refused(self, error):
-        """True when the broker closed the channel because of something in
-        the transaction (not a consumer_timeout, which closes it too)."""
-        return (gocept.amqprun.connection.is_channel_error(error)
+    def _commit_republishes(self, ops, scratch, now):
+        """Commit ``Republish`` ops on the scratch channel.
+
+        The queue that refused their messages may refuse them again; the
+        broker then closes that channel only, and the connection, its
+        consumers and the commits held meanwhile live on. Connection errors
+        propagate.
+        """
+        try:
+            channel = scratch.channel()
+        except gocept.amqprun.connection.CONNECTION_ERRORS:
+            self._give_up_unexecuted(ops)
+            raise
+        try:
+            self._commit_batch(channel, ops, scratch, now)
+        except amqp.exceptions.ChannelError as e:
+            if not gocept.amqprun.connection.closed_by_broker(e, channel):
+                raise
+
+    def _was_refused(self, error, channel):
+        """True when the broker closed ``channel`` because of something in
+        the transaction (not a consumer_timeout, which closes it too; not
+        the close of another channel, which leaves the outcome unknown)."""
+        return (gocept.amqprun.connection.closed_by_broker(error, channel)
                 and gocept.amqprun.connection.Loss.of(
                     error, 0).ack_timeout is None)
 
@@ -462,6 +490,15 @@ class CommitQueue:
         none; each op is resolved once its messages are committed. Ops
         without messages are done.
         """
+        republish = gocept.amqprun.channelops.Republish
+        if all(isinstance(op, republish) for op in ops):
+            for op in ops:
+                self._republish(op, now)
+            log.warning('The broker refused %d message(s) published again '
+                        '(%s); next attempt in %.1f s',
+                        sum(len(op.messages) for op in ops),
+                        describe(error), ops[0].not_before - now)
+            return
         again = [op for op in ops if op.messages]
         log.warning('The broker applied the acknowledgements of an AMQP '
                     'transaction of %d op(s) but refused one of its '
@@ -472,9 +509,8 @@ class CommitQueue:
             if not op.messages:
                 op.resolve()
                 continue
-            if not isinstance(op, gocept.amqprun.channelops.Republish):
-                op = gocept.amqprun.channelops.Republish(op)
-            self._republish(op, now)
+            self._republish(op if isinstance(op, republish)
+                            else republish(op), now)
 
     def _republish(self, republish, now):
         """Queue a ``Republish`` for its next attempt."""

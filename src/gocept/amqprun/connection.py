@@ -5,7 +5,9 @@ Runs on: the I/O thread. Together with ``server.py`` the only module that
 talks to the AMQP client library: ``connect`` opens a connection to one
 node of the ``parameters`` module's ``Parameters`` (importable from here as
 ever), ``OpChannel`` is the face of a channel that channel ops see,
-``ScratchChannel`` asks the questions that may cost a channel, ``Loss``
+``ScratchChannel`` asks the questions that may cost a channel (and
+carries the commits that may), ``Channel`` names the channel a broker's
+``channel.close`` was about, ``Loss
 classifies why a connection ended, ``ConnectionHistory`` remembers the
 losses of the last connections.
 """
@@ -102,6 +104,7 @@ def connect(parameters, node=None, on_blocked=None, on_unblocked=None):
     )
     if tls is not None:
         connection.Transport = TLSTransport.for_connection
+    connection.Channel = Channel
     if on_blocked is not None:
         report_blocked_reason(connection, on_blocked)
     connection.on_unblocked = on_unblocked
@@ -166,6 +169,41 @@ class TLSTransport(amqp.transport.SSLTransport):
         return context.wrap_socket(
             sock, server_hostname=server_hostname,
             do_handshake_on_connect=False)
+
+
+class Channel(amqp.Channel):
+    """py-amqp's channel; when the broker closes it, the error says so.
+
+    py-amqp raises the ``ChannelError`` of a broker's ``channel.close``
+    from whichever call is reading frames at the time, which may be a wait
+    on another channel of the connection. This one sets ``channel`` on
+    that error and remembers it as :attr:`closed_by_broker` (py-amqp then
+    reopens the channel, outside transaction mode and without consumers:
+    it must not be used any more). Hooks py-amqp's ``_on_close`` (an
+    internal, pinned in setup.py and checked by the integration tests of
+    ``test_connection``).
+    """
+
+    #: The ChannelError with which the broker closed this channel, or None.
+    closed_by_broker = None
+
+    def _on_close(self, *args, **kw):
+        try:
+            return super()._on_close(*args, **kw)
+        except amqp.exceptions.ChannelError as e:
+            e.channel = self
+            self.closed_by_broker = e
+            raise
+
+
+def closed_by_broker(error, channel):
+    """True when ``error`` is the broker closing ``channel``.
+
+    An error that names no channel is taken for the one of the call that
+    raised it.
+    """
+    return (is_channel_error(error)
+            and getattr(error, 'channel', channel) is channel)
 
 
 def closed_while_opening(error):
@@ -407,7 +445,11 @@ class ScratchChannel:
     connection's life); :meth:`try_publish` publishes a message in a
     transaction and rolls it back, to learn whether the broker takes it.
     A refusal closes this channel, never the consumer or send channel;
-    the next question opens a fresh one. Connection errors propagate.
+    the next question opens a fresh one. The commit queue also commits
+    republishes on it (:meth:`channel`): a queue that still refuses them
+    costs this channel, not the connection. Connection errors propagate,
+    and so does the close of another channel that arrives while this one
+    waits for an answer.
     """
 
     #: Seconds a missing exchange is believed missing before it is asked
@@ -420,7 +462,15 @@ class ScratchChannel:
         self._known = {''}  # the default exchange always exists
         self._missing = {}  # name -> (monotonic time, the broker's reason)
 
-    def _open(self):
+    def channel(self):
+        """The channel, in transaction mode; a new one after a refusal.
+
+        For commits that may be refused (``commits``: republishes).
+        Connection errors propagate.
+        """
+        if self._channel is not None and (
+                self._channel.closed_by_broker is not None):
+            self._refused()
         if self._channel is None:
             self._channel = open_channel(self._connection)
         return self._channel
@@ -445,10 +495,13 @@ class ScratchChannel:
             return
         at, reason = self._missing.get(name, (None, None))
         if at is None or now - at >= self.recheck_missing:
+            channel = self.channel()
             try:
-                self._open().exchange_declare(
+                channel.exchange_declare(
                     exchange=name, type='topic', passive=True)
             except amqp.exceptions.ChannelError as e:
+                if not closed_by_broker(e, channel):
+                    raise  # about another channel: the connection's trouble
                 self._refused()
                 at, reason = self._missing[name] = (now, e)
             else:
@@ -463,11 +516,13 @@ class ScratchChannel:
         A refusal raises ``PublishRefused`` or ``CommitFailed`` (see
         :func:`refusal`); nothing of it is ever delivered.
         """
-        channel = self._open()
+        channel = self.channel()
         publish(channel, message)
         try:
             channel.tx_rollback()
         except amqp.exceptions.ChannelError as e:
+            if not closed_by_broker(e, channel):
+                raise  # about another channel: the connection's trouble
             self._refused()
             raise refusal(message, e) from e
 

@@ -310,8 +310,10 @@ def full_queue_daemon(daemon, amqp_broker, amqp_vhost):
 
 
 def refusals(runner):
-    """How often the daemon logged a transaction applied only in part."""
+    """How often the daemon logged that the full queue refused replies: in
+    a transaction applied only in part, or when published again."""
     return sum('refused one of its publishes' in line
+               or 'published again (' in line
                for line in log_lines(runner.config_path, 'WARNING'))
 
 
@@ -367,6 +369,12 @@ def test_while_a_queue_refuses_replies_no_further_request_is_acknowledged(
         later)
     assert any('Commits that publish wait' in line
                for line in log_lines(full_queue_daemon.config_path, 'INFO'))
+    # Only the first refusal cost the connection (it closed the consumer
+    # channel); the republishes' refusals cost the scratch channel.
+    losses = [line for line in log_lines(full_queue_daemon.config_path,
+                                         'WARNING')
+              if 'Lost the connection' in line]
+    assert len(losses) == 1, losses
     make_room_and_wait_for(amqp_broker, amqp_vhost, first + later)
     assert queue_length(amqp_broker, amqp_vhost, 'faults.numbers') == 0
     assert not log_lines(full_queue_daemon.config_path, 'ERROR')

@@ -28,6 +28,10 @@ class FakeChannel:
     method name to the exception that method raises.
     """
 
+    #: The ChannelError it raised last, as ``connection.Channel`` does
+    #: when the broker closes it.
+    closed_by_broker = None
+
     def __init__(self, broker=None, **fail):
         self.calls = []
         self.fail = fail
@@ -45,7 +49,13 @@ class FakeChannel:
     def _record(self, name, *args, **kw):
         self.calls.append((name,) + args + tuple(sorted(kw.items())))
         if name in self.fail:
-            raise self.fail[name]
+            self._raise(self.fail[name])
+
+    def _raise(self, error):
+        if isinstance(error, amqp.exceptions.ChannelError) and getattr(
+                error, 'channel', self) is self:
+            self.closed_by_broker = error
+        raise error
 
     @property
     def names(self):
@@ -64,7 +74,7 @@ class FakeChannel:
                            dict(amqp_message.properties), exchange,
                            routing_key))
         if 'basic_publish' in self.fail:
-            raise self.fail['basic_publish']
+            self._raise(self.fail['basic_publish'])
         if self.broker is not None and self._refusal is None:
             self._refusal = self.broker.refusal(amqp_message.body, exchange)
 
@@ -75,7 +85,7 @@ class FakeChannel:
         as if writing it failed."""
         if method_sig == amqp.spec.Tx.Commit:
             if 'send_commit' in self.fail:
-                raise self.fail['send_commit']
+                self._raise(self.fail['send_commit'])
             return
         assert method_sig == amqp.spec.Basic.Publish
         _, exchange, routing_key, _, _ = args
@@ -90,7 +100,7 @@ class FakeChannel:
     def _raise_refusal(self):
         refusal, self._refusal = self._refusal, None
         if refusal is not None:
-            raise refusal
+            self._raise(refusal)
 
     def tx_select(self):
         self._record('tx_select')
@@ -106,8 +116,8 @@ class FakeChannel:
     def exchange_declare(self, exchange, **kw):
         self._record('exchange_declare', exchange=exchange, **kw)
         if self.broker is not None and exchange in self.broker.missing:
-            raise amqp.exceptions.NotFound(
-                "NOT_FOUND - no exchange '%s' in vhost '/'" % exchange)
+            self._raise(amqp.exceptions.NotFound(
+                "NOT_FOUND - no exchange '%s' in vhost '/'" % exchange))
 
     def close(self):
         self._record('close')

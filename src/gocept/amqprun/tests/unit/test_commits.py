@@ -70,6 +70,11 @@ def delivered(tag, generation=1):
     return Delivery(generation, tag)
 
 
+def bodies_published(channel):
+    """The bodies ``channel`` published, in order."""
+    return [call[1] for call in channel.calls if call[0] == 'basic_publish']
+
+
 # -- executing ops: group commit ---------------------------------------------
 
 def test_several_commits_on_one_channel_share_one_tx_commit(commits):
@@ -291,62 +296,78 @@ def test_partial_commit_publishes_the_messages_again_then_resolves(
     assert not resolved(replying)
     commits.channel = commits.broker.channel()  # the next connection's
     run_pass(commits)
-    assert commits.send_channel.calls == []  # not before its delay
+    assert commits.broker.channels[-1].calls == []  # not before its delay
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, now=time.time() + 1)
-    assert commits.send_channel.names == ['basic_publish', 'tx_commit']
-    assert commits.send_channel.calls[0][1] == b'reply'
+    # On the scratch channel: a refusal would cost that channel only.
+    scratch = commits.scratch.channel()
+    assert bodies_published(scratch) == [b'reply']
+    assert scratch.names[-1] == 'tx_commit'
+    assert commits.send_channel.calls == []
     assert error_of(replying) is None
 
 
+def commits_tried(commits):
+    """How many ``tx.commit`` the channels of ``commits.broker`` sent."""
+    return sum(channel.names.count('tx_commit')
+               for channel in commits.broker.channels)
+
+
 def next_attempt(commits, after):
-    """When, in passes 0.1 s apart from ``after``, the send channel tries
-    its next commit."""
-    tried = commits.send_channel.names.count('tx_commit')
+    """When, in passes 0.1 s apart from ``after``, a channel tries its
+    next commit."""
+    tried = commits_tried(commits)
     at = after
-    while commits.send_channel.names.count('tx_commit') == tried:
+    while commits_tried(commits) == tried:
         at = round(at + 0.1, 1)
         assert at < after + 60, 'no attempt within 60 s'
-        try:
-            commits.commit_due(commits.channel, commits.send_channel,
-                               commits.scratch, now=at)
-        except amqp.exceptions.PreconditionFailed:
-            pass
+        commits.commit_due(commits.channel, commits.send_channel,
+                           commits.scratch, now=at)
     return at
 
 
-def test_a_refused_republish_waits_longer_each_time(commits):
-    op = Commit(delivered(1), [outgoing_message()])
+def test_a_refused_republish_waits_longer_each_time_on_a_new_channel(
+        commits, caplog):
+    op = Commit(delivered(1), [outgoing_message(b'refused')])
     commits.submit(op)
-    commits.channel.fail['tx_commit'] = partial_commit()
-    commits.send_channel.fail['tx_commit'] = partial_commit()
+    commits.broker.refused[b'refused'] = partial_commit()
     with pytest.raises(amqp.exceptions.PreconditionFailed):
         commits.commit_due(commits.channel, commits.send_channel,
                            commits.scratch, now=1000)
     failed, waits = 1000, []
     for _ in range(8):
-        at = next_attempt(commits, failed)
+        at = next_attempt(commits, failed)  # no connection error raised
         waits.append(round(at - failed, 1))
         failed = at
     assert waits == [0.5, 1, 2, 4, 8, 16, 30, 30]
     assert not resolved(op)
+    # Each refusal cost a scratch channel, nothing else.
+    scratches = commits.broker.channels[2:]
+    assert len(scratches) == 8
+    assert all(channel.closed_by_broker for channel in scratches)
+    assert commits.channel.closed_by_broker  # the first refusal's
+    assert commits.send_channel.calls == []
+    assert ('The broker refused 1 message(s) published again '
+            '(PreconditionFailed: Tx.commit: (406) PRECONDITION_FAILED - '
+            'partial tx completion); next attempt in 30.0 s') in caplog.text
 
 
 def test_republish_in_doubt_is_published_again(commits):
     op = Commit(delivered(1), [outgoing_message()])
     commits.submit(op)
     commits.channel.fail['tx_commit'] = partial_commit()
-    commits.send_channel.fail['tx_commit'] = ConnectionResetError('reset')
     with pytest.raises(amqp.exceptions.PreconditionFailed):
         run_pass(commits)
+    scratch = commits.scratch.channel()
+    scratch.fail['tx_commit'] = ConnectionResetError('reset')
     later = time.time() + 1
     with pytest.raises(ConnectionResetError):
         commits.commit_due(commits.channel, commits.send_channel,
                            commits.scratch, now=later)
-    del commits.send_channel.fail['tx_commit']
+    del scratch.fail['tx_commit']
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, now=later + 2)
-    assert commits.send_channel.names.count('tx_commit') == 2
+    assert scratch.names.count('tx_commit') == 2
     assert error_of(op) is None
 
 
@@ -395,7 +416,7 @@ def test_publishing_ops_wait_while_refused_messages_are_published_again(
     assert not resolved(replying) and not resolved(send)
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, now=1001)  # the republish is due
-    assert commits.send_channel.calls[0][1] == b'refused'
+    assert bodies_published(commits.scratch.channel()) == [b'refused']
     assert error_of(refused) is None
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, now=1001.1)
@@ -413,6 +434,38 @@ def test_a_republish_held_by_a_blocked_broker_goes_once_unblocked(commits):
                        commits.scratch, now=1001.1)
     assert commits.held == 0
     assert error_of(refused) is None
+
+
+def closed_by_the_broker(channel):
+    """An error as ``connection.Channel`` raises it when the broker closes
+    ``channel``, whichever channel's call reads it."""
+    error = amqp.exceptions.NotFound('NOT_FOUND - gone', (40, 10))
+    error.channel = channel
+    return error
+
+
+def test_another_channel_closed_during_a_commit_leaves_it_in_doubt(commits):
+    # Not a refusal of this transaction: its outcome is unknown.
+    commits.channel.fail['tx_commit'] = closed_by_the_broker(
+        commits.send_channel)
+    op = Commit(delivered(1), [outgoing_message()])
+    commits.submit(op)
+    with pytest.raises(amqp.exceptions.NotFound):
+        run_pass(commits)
+    assert isinstance(error_of(op), CommitInDoubt)
+    assert len(commits.broker.channels) == 3  # no culprit was looked for
+
+
+def test_another_channel_closed_during_a_republish_is_the_connections(
+        commits):
+    refused = refuse_a_reply(commits)
+    scratch = commits.scratch.channel()
+    scratch.fail['tx_commit'] = closed_by_the_broker(commits.channel)
+    with pytest.raises(amqp.exceptions.NotFound):
+        commits.commit_due(commits.channel, commits.send_channel,
+                           commits.scratch, now=1001)
+    assert not resolved(refused)  # in doubt: published again
+    assert commits.republishing == 1
 
 
 def test_partial_commit_is_told_from_other_refusals():
@@ -509,9 +562,7 @@ def test_held_ops_go_first_once_the_broker_unblocks(commits):
     run_pass(commits)
     assert commits.held == 0
     assert error_of(held) is None and error_of(later) is None
-    bodies = [call[1] for call in commits.channel.calls
-              if call[0] == 'basic_publish']
-    assert bodies == [b'held', b'later']
+    assert bodies_published(commits.channel) == [b'held', b'later']
     assert commits.channel.names.count('tx_commit') == 1
 
 
@@ -637,6 +688,17 @@ def test_refusing_scratch_channel_is_replaced(commits):
     assert second.names == ['tx_select', 'exchange_declare']
 
 
+def test_a_close_of_another_channel_is_no_answer_of_the_scratch_channel(
+        commits):
+    scratch = commits.scratch.channel()
+    scratch.fail['exchange_declare'] = closed_by_the_broker(commits.channel)
+    with pytest.raises(amqp.exceptions.NotFound):  # not PublishRefused
+        commits.scratch.check_exchange(Message({}, b'', exchange='x'), 0)
+    scratch.fail['tx_rollback'] = closed_by_the_broker(commits.channel)
+    with pytest.raises(amqp.exceptions.NotFound):
+        commits.scratch.try_publish(outgoing_message())
+
+
 def refused_batch(commits):
     """Three ops of received messages; the broker refuses the second's
     reply (its user_id) when the transaction is committed."""
@@ -754,7 +816,7 @@ def test_connection_lost_while_looking_for_the_culprit(commits):
         'refused')
     ack = Commit(delivered(1), [outgoing_message(b'bad')])
     send = Commit(None, [outgoing_message(b'send')])
-    commits.scratch._open().fail['tx_rollback'] = ConnectionResetError()
+    commits.scratch.channel().fail['tx_rollback'] = ConnectionResetError()
     with pytest.raises(ConnectionResetError):
         commit_batch(commits, commits.channel, [ack, send])
     assert isinstance(error_of(ack), ConnectionLost)
@@ -767,7 +829,7 @@ def test_connection_lost_while_checking_exchanges(commits):
     third = Commit(None, [outgoing_message(b'3')])
     for op in (first, second, third):
         commits.submit(op)
-    scratch = commits.scratch._open()
+    scratch = commits.scratch.channel()
     original = scratch.exchange_declare
 
     def declare(exchange, **kw):
