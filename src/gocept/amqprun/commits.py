@@ -47,12 +47,13 @@ thread would hang in ``tx.commit``. Held ops go first once the block ends;
 at a loss or stop they are resolved like pending ones.
 
 While refused messages wait to be published again (a ``Republish`` is
-pending), ops that publish are held the same way: a queue that refused
-one result refuses the next ones too, and each refused transaction would
-have its acks applied, its results only in this process's memory. Held,
-their messages stay unacknowledged on the broker (redelivered should the
-process die); only the ``Republish`` goes ahead, on the scratch channel:
-a refusal costs that channel, not the connection.
+pending), ops that publish to the same destination (exchange and routing
+key) are held the same way: a queue that refused one result refuses the
+next ones too, and each refused transaction would have its acks applied,
+its results only in this process's memory. Held, their messages stay
+unacknowledged on the broker (redelivered should the process die); the
+``Republish`` goes ahead, on the scratch channel (a refusal costs that
+channel, not the connection), and so do ops that publish elsewhere.
 """
 import collections
 import heapq
@@ -69,6 +70,11 @@ from gocept.amqprun.connection import describe
 
 
 log = logging.getLogger(__name__)
+
+
+def destination(message):
+    """Where ``message`` is published: (exchange, routing key)."""
+    return message.exchange, message.routing_key
 
 
 class Gathering:
@@ -302,22 +308,44 @@ class CommitQueue:
 
     def _claim_due(self, now, blocked):
         """The ops to execute now, claimed; hold publishing ones while
-        ``blocked`` or while a ``Republish`` is pending (except that)."""
-        republishing = self._messages_to_republish()
-        if republishing and not self.republishing:
-            log.info('Commits that publish wait until the broker takes '
-                     'the %d message(s) it refused', republishing)
-        elif self.republishing and not republishing:
-            log.info('The refused messages are published; %d held '
-                     'commit(s) go ahead', len(self._held))
-        self.republishing = republishing
+        ``blocked``, and those that publish where refused messages wait
+        to be published again (see :meth:`_must_hold`)."""
+        republishes = self._waiting_republishes()
+        refused = {destination(message)
+                   for op in republishes for message in op.messages}
+        self._tell_republishing(sum(len(op.messages) for op in republishes))
         held, self._held = self._held, []
         for op in itertools.chain(held, self._claim_taken(now)):
-            if op.publishes and (blocked or (republishing and not isinstance(
-                    op, gocept.amqprun.channelops.Republish))):
+            if self._must_hold(op, blocked, refused):
                 self._held.append(op)
             else:
                 yield op
+
+    @staticmethod
+    def _must_hold(op, blocked, refused):
+        """While the broker blocks, every op that publishes waits. While
+        messages wait to be published again, so does every op that
+        publishes to one of their ``refused`` destinations (exchange,
+        routing key): its queue would refuse it too, after its ack."""
+        if not op.publishes:
+            return False
+        if blocked:
+            return True
+        if isinstance(op, gocept.amqprun.channelops.Republish):
+            return False
+        return any(destination(message) in refused
+                   for message in op.messages)
+
+    def _tell_republishing(self, count):
+        """Log when messages begin and end to wait to be published again.
+        """
+        if count and not self.republishing:
+            log.info('Commits that publish where the broker refused %d '
+                     'message(s) wait until it takes them', count)
+        elif self.republishing and not count:
+            log.info('The refused messages are published; %d held '
+                     'commit(s) go ahead', len(self._held))
+        self.republishing = count
 
     def _claim_taken(self, now):
         for op in self._take_due(now):
@@ -325,14 +353,12 @@ class CommitQueue:
                 yield op
             # else its waiter gave up; it must not happen now
 
-    def _messages_to_republish(self):
-        """The messages of the ``Republish`` ops that wait (queued,
-        delayed or held)."""
+    def _waiting_republishes(self):
+        """The ``Republish`` ops that wait (queued, delayed or held)."""
         republish = gocept.amqprun.channelops.Republish
         waiting = itertools.chain(
             list(self._ops), (item[2] for item in self._delayed), self._held)
-        return sum(len(op.messages) for op in waiting
-                   if isinstance(op, republish))
+        return [op for op in waiting if isinstance(op, republish)]
 
     def _take_due(self, now):
         while self._ops:

@@ -563,7 +563,7 @@ class IServer(ILoop, ISender):
     republishing = zope.interface.Attribute(
         'How many messages a queue refused wait to be published again '
         '(see ``commits.CommitQueue``); while there are any, commits that '
-        'publish are held.')
+        'publish to where they go are held.')
     held = zope.interface.Attribute(
         'How many commits are held: while the broker blocks publishing or '
         'refused messages wait to be published again.')

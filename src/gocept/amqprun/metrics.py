@@ -103,8 +103,9 @@ class Health:
                 'The broker blocks publishing: %s' % server.blocked)
         if server.republishing:
             return False, 'republishing', (
-                'A queue refused %d message(s); commits that publish wait '
-                'until they are published again' % server.republishing)
+                'A queue refused %d message(s); commits that publish there '
+                'wait until they are published again'
+                % server.republishing)
         if self.expects_consumers and not server.consuming:
             return False, 'not-consuming', 'Connected, but not consuming'
         return True, 'ready', None
@@ -163,8 +164,8 @@ class StateCollector:
                     value=server.held)
         yield gauge('amqprun_messages_to_republish',
                     'Messages a queue refused that wait to be published '
-                    'again (while there are any, commits that publish are '
-                    'held).', value=server.republishing)
+                    'again (while there are any, commits that publish '
+                    'there are held).', value=server.republishing)
         yield gauge('amqprun_ready', 'Whether /readyz says ready (0/1).',
                     value=int(health.readiness()[0]))
         yield gauge('amqprun_live', 'Whether /healthz says alive (0/1).',

@@ -367,7 +367,7 @@ def test_while_a_queue_refuses_replies_no_further_request_is_acknowledged(
              message='the republish was not tried again')
     assert messages_kept(amqp_broker, amqp_vhost, 'faults.numbers') == len(
         later)
-    assert any('Commits that publish wait' in line
+    assert any('Commits that publish where the broker refused' in line
                for line in log_lines(full_queue_daemon.config_path, 'INFO'))
     # Only the first refusal cost the connection (it closed the consumer
     # channel); the republishes' refusals cost the scratch channel.
@@ -375,6 +375,13 @@ def test_while_a_queue_refuses_replies_no_further_request_is_acknowledged(
                                          'WARNING')
               if 'Lost the connection' in line]
     assert len(losses) == 1, losses
+    # A result for another destination is not held.
+    declare_queue(amqp_broker, amqp_vhost, 'faults.elsewhere',
+                  'faults.elsewhere')
+    full_queue_daemon.server.send(gocept.amqprun.message.Message(
+        {}, b'elsewhere', routing_key='faults.elsewhere'))
+    transaction.commit()
+    assert queue_length(amqp_broker, amqp_vhost, 'faults.elsewhere') == 1
     make_room_and_wait_for(amqp_broker, amqp_vhost, first + later)
     assert queue_length(amqp_broker, amqp_vhost, 'faults.numbers') == 0
     assert not log_lines(full_queue_daemon.config_path, 'ERROR')

@@ -397,13 +397,15 @@ def refuse_a_reply(commits):
     return refused
 
 
-def test_publishing_ops_wait_while_refused_messages_are_published_again(
+def test_ops_publishing_where_messages_were_refused_wait_for_their_republish(
         commits):
     refused = refuse_a_reply(commits)
     replying = Commit(delivered(2), [outgoing_message(b'reply')])
     send = Commit(None, [outgoing_message(b'send')])
     acking = Commit(delivered(3), [])
-    for op in (replying, send, acking):
+    elsewhere = Commit(delivered(4), [
+        outgoing_message(b'elsewhere', routing_key='test.other')])
+    for op in (replying, send, acking, elsewhere):
         commits.submit(op)
     commits.commit_due(commits.channel, commits.send_channel,
                        commits.scratch, now=1000.1)
@@ -411,7 +413,9 @@ def test_publishing_ops_wait_while_refused_messages_are_published_again(
     # request stays unacknowledged on the broker.
     assert commits.held == 2
     assert commits.republishing == 1
-    assert commits.channel.names == ['basic_ack', 'tx_commit']
+    assert bodies_published(commits.channel) == [b'elsewhere']
+    assert commits.channel.names.count('basic_ack') == 2
+    assert error_of(acking) is None and error_of(elsewhere) is None
     assert commits.send_channel.calls == []
     assert not resolved(replying) and not resolved(send)
     commits.commit_due(commits.channel, commits.send_channel,

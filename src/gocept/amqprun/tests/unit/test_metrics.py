@@ -167,7 +167,7 @@ def test_refused_messages_waiting_to_be_published_again_is_not_ready(
     server.republishing = 3
     assert health.readiness() == (
         False, 'republishing', 'A queue refused 3 message(s); commits that '
-        'publish wait until they are published again')
+        'publish there wait until they are published again')
 
 
 def test_node_comes_from_the_server_when_it_knows_it(health, server):
