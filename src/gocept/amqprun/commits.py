@@ -331,7 +331,8 @@ class CommitQueue:
             return False
         if blocked:
             return True
-        if isinstance(op, gocept.amqprun.channelops.Republish):
+        if not refused or isinstance(
+                op, gocept.amqprun.channelops.Republish):
             return False
         return any(destination(message) in refused
                    for message in op.messages)
