@@ -286,7 +286,8 @@ class CommitQueue:
 
     def fail_pending(self, error=None, stale_only=False):
         """Resolve pending and held ops with ``error`` (or their loss's
-        error); return how many were resolved.
+        error); return how many were resolved, not counting republishes
+        (each logs what its failure means).
 
         With ``stale_only`` sends not yet carried out stay queued for the
         next connection: nothing of them reached the broker.
@@ -303,7 +304,8 @@ class CommitQueue:
                 self._ops.append(op)
             elif op in held or op.claim():
                 op.resolve(error or self.history.stale_error(op.delivery))
-                resolved += 1
+                resolved += not isinstance(
+                    op, gocept.amqprun.channelops.Republish)
         return resolved
 
     def _claim_due(self, now, blocked):

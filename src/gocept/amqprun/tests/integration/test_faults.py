@@ -387,6 +387,32 @@ def test_while_a_queue_refuses_replies_no_further_request_is_acknowledged(
     assert not log_lines(full_queue_daemon.config_path, 'ERROR')
 
 
+def test_stop_while_replies_wait_for_a_full_queue_is_bounded_and_says_why(
+        daemon, amqp_broker, amqp_vhost):
+    fill_reply_queue(amqp_broker, amqp_vhost)
+    runner = daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
+                    amqp_extra=FAST_RECONNECT,
+                    worker_extra=('shutdown-timeout 1',))
+    publish(amqp_broker, amqp_vhost, numbered(1, 'first'), 'faults.number')
+    wait_for(lambda: refusals(runner) >= 1, 30,
+             message='the broker refused no publish')
+    publish(amqp_broker, amqp_vhost, numbered(2), 'faults.number')
+    # One worker waits for the republish, the other for its held commit.
+    wait_for(lambda: runner.server.held == 1, 30,
+             message='no reply was held')
+    began = time.monotonic()
+    assert runner.stop() == 0
+    assert time.monotonic() - began < 15
+    # The held requests went back to the broker; the first one's reply is
+    # the one the daemon could not save, and it says so.
+    assert messages_kept(amqp_broker, amqp_vhost, 'faults.numbers') == 2
+    [error] = log_lines(runner.config_path, 'ERROR')
+    assert 'Could not publish again the 1 message(s)' in error
+    assert 'they may be lost' in error
+    assert any('1 commit(s) were not carried out' in line
+               for line in log_lines(runner.config_path, 'WARNING'))
+
+
 # -- 4b. a reply the broker refuses ------------------------------------------
 
 #: What the refused-reply tests configure: 8 workers, quick retries, a
