@@ -10,8 +10,14 @@ import pytest
 
 import gocept.amqprun.testing
 from gocept.amqprun.tests.integration import faults_handlers
+from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
 from gocept.amqprun.tests.integration.faults_proxy import FaultProxy
+from gocept.amqprun.tests.integration.faults_tally import FULL
 from gocept.amqprun.tests.integration.faults_tally import Replies
+from gocept.amqprun.tests.integration.faults_tally import connect
+from gocept.amqprun.tests.integration.faults_tally import declare_queue
+from gocept.amqprun.tests.integration.faults_tally import numbered
+from gocept.amqprun.tests.integration.faults_tally import publish
 
 
 @pytest.fixture
@@ -64,3 +70,16 @@ def replies(request, amqp_broker, amqp_vhost):
     client = Replies(amqp_broker, amqp_vhost, request.module.REPLY_KEY)
     yield client
     client.close()
+
+
+@pytest.fixture
+def full_reply_queue(amqp_broker, amqp_vhost):
+    """Make the replies of ``faults_handlers.numbers`` go to a ``FULL``
+    queue, full already; delete it afterwards (it would refuse the
+    replies of the next tests)."""
+    declare_queue(amqp_broker, amqp_vhost, 'faults.full', REPLY_KEY,
+                  arguments=FULL)
+    publish(amqp_broker, amqp_vhost, numbered(3, 'filler'), REPLY_KEY)
+    yield
+    with connect(amqp_broker, amqp_vhost) as connection:
+        connection.channel().queue_delete('faults.full')

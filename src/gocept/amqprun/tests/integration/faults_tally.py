@@ -19,6 +19,11 @@ def message_id(body):
     return '<%s@faults>' % body.decode()
 
 
+#: Arguments of a reply queue that is full once it holds three messages
+#: and then refuses what comes on top.
+FULL = {'x-max-length': 3, 'x-overflow': 'reject-publish'}
+
+
 def numbered(count, prefix=None):
     """``count`` distinct bodies ``b'<prefix>:<n>'`` (prefix: unique run)."""
     prefix = prefix or uuid.uuid4().hex[:8]

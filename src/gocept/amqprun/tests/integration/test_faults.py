@@ -25,6 +25,7 @@ import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
 from gocept.amqprun.tests.integration import faults_handlers
 from gocept.amqprun.tests.integration.faults_handlers import REPLY_KEY
+from gocept.amqprun.tests.integration.faults_tally import FULL
 from gocept.amqprun.tests.integration.faults_tally import Replies
 from gocept.amqprun.tests.integration.faults_tally import connect
 from gocept.amqprun.tests.integration.faults_tally import declare_queue
@@ -289,22 +290,9 @@ def test_reply_that_cannot_be_encoded_fails_its_message_not_the_connection(
 
 # -- 4a. a queue that refuses the replies -------------------------------------
 
-#: A reply queue that is full once it holds three messages and then
-#: refuses what comes on top.
-FULL = {'x-max-length': 3, 'x-overflow': 'reject-publish'}
-
-
-def fill_reply_queue(broker, virtual_host):
-    """Make the replies of ``numbers`` go to a full ``FULL`` queue."""
-    declare_queue(broker, virtual_host, 'faults.full', REPLY_KEY,
-                  arguments=FULL)
-    publish(broker, virtual_host, numbered(3, 'filler'), REPLY_KEY)
-
-
 @pytest.fixture
-def full_queue_daemon(daemon, amqp_broker, amqp_vhost):
+def full_queue_daemon(full_reply_queue, daemon, amqp_broker, amqp_vhost):
     """A daemon of ``numbers`` whose replies go to a full ``FULL`` queue."""
-    fill_reply_queue(amqp_broker, amqp_vhost)
     return daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
                   amqp_extra=FAST_RECONNECT)
 
@@ -388,8 +376,7 @@ def test_while_a_queue_refuses_replies_no_further_request_is_acknowledged(
 
 
 def test_stop_while_replies_wait_for_a_full_queue_is_bounded_and_says_why(
-        daemon, amqp_broker, amqp_vhost):
-    fill_reply_queue(amqp_broker, amqp_vhost)
+        full_reply_queue, daemon, amqp_broker, amqp_vhost):
     runner = daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
                     amqp_extra=FAST_RECONNECT,
                     worker_extra=('shutdown-timeout 1',))

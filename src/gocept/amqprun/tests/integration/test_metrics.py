@@ -201,8 +201,7 @@ def test_broker_restart_turns_readiness_503_and_back_while_alive(
 
 
 def test_a_queue_refusing_replies_turns_readiness_503_until_they_are_in(
-        daemon, amqp_broker, amqp_vhost):
-    test_faults.fill_reply_queue(amqp_broker, amqp_vhost)
+        full_reply_queue, daemon, amqp_broker, amqp_vhost):
     runner = daemon(test_faults.zcml('numbers'), workers=2,
                     amqp_extra='\n  '.join(FAST_RECONNECT))
     bodies = numbered(2)
