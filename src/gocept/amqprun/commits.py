@@ -284,6 +284,18 @@ class CommitQueue:
         while len(self._suspects) > self.suspects_kept:
             self._suspects.popitem(last=False)
 
+    def republish_now(self):
+        """Make every waiting ``Republish`` due at once: before a stop the
+        last pass is their last chance (their messages exist nowhere
+        else)."""
+        for op in itertools.chain(
+                list(self._ops), (item[2] for item in self._delayed)):
+            if isinstance(op, gocept.amqprun.channelops.Republish):
+                op.not_before = 0
+        self._delayed = [(op.not_before, sequence, op)
+                         for _, sequence, op in self._delayed]
+        heapq.heapify(self._delayed)
+
     def fail_pending(self, error=None, stale_only=False):
         """Resolve pending and held ops with ``error`` (or their loss's
         error); return how many were resolved, not counting republishes

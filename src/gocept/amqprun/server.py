@@ -446,6 +446,7 @@ class Server(gocept.amqprun.process.LoopState):
                     self.connection):
                 self._read_frames(sock)
             self._tick_heartbeat()
+        self.commits.republish_now()  # stopping: their last chance
         self._commit_due(gather=False)  # stopping: wait for nothing
 
     def _tick_heartbeat(self, now=None):

@@ -305,16 +305,26 @@ def refusals(runner):
                for line in log_lines(runner.config_path, 'WARNING'))
 
 
-def make_room_and_wait_for(broker, virtual_host, bodies):
-    """Empty the full queue; wait until the replies to ``bodies`` came."""
+def make_room(broker, virtual_host):
+    """Empty the full queue."""
     with connect(broker, virtual_host) as connection:
         connection.channel().queue_purge('faults.full')
+
+
+def wait_for_replies_in_full_queue(broker, virtual_host, bodies):
+    """Wait until the replies to ``bodies`` are in the (once) full queue."""
     replies = Replies(broker, virtual_host, REPLY_KEY, queue='faults.full',
                       arguments=FULL)
     try:
         replies.wait_for(bodies, timeout=60)
     finally:
         replies.delete()
+
+
+def make_room_and_wait_for(broker, virtual_host, bodies):
+    """Empty the full queue; wait until the replies to ``bodies`` came."""
+    make_room(broker, virtual_host)
+    wait_for_replies_in_full_queue(broker, virtual_host, bodies)
 
 
 def messages_kept(broker, virtual_host, queue):
@@ -398,6 +408,24 @@ def test_stop_while_replies_wait_for_a_full_queue_is_bounded_and_says_why(
     assert 'they may be lost' in error
     assert any('1 commit(s) were not carried out' in line
                for line in log_lines(runner.config_path, 'WARNING'))
+    with connect(amqp_broker, amqp_vhost) as connection:
+        connection.channel().queue_purge('faults.numbers')  # for the next
+
+
+def test_a_stop_publishes_refused_replies_the_queue_takes_by_then(
+        full_reply_queue, daemon, amqp_broker, amqp_vhost):
+    runner = daemon(amqp_broker, amqp_vhost, 'numbers', workers=2,
+                    amqp_extra=FAST_RECONNECT,
+                    worker_extra=('shutdown-timeout 1',))
+    first = numbered(1, 'first')
+    publish(amqp_broker, amqp_vhost, first, 'faults.number')
+    # Refused four times: the next attempt is 4 s away.
+    wait_for(lambda: refusals(runner) >= 4, 30,
+             message='the republish was not refused often enough')
+    make_room(amqp_broker, amqp_vhost)
+    assert runner.stop() == 0
+    assert not log_lines(runner.config_path, 'ERROR')
+    wait_for_replies_in_full_queue(amqp_broker, amqp_vhost, first)
 
 
 # -- 4b. a reply the broker refuses ------------------------------------------

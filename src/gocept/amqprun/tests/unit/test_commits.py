@@ -371,6 +371,15 @@ def test_republish_in_doubt_is_published_again(commits):
     assert error_of(op) is None
 
 
+def test_a_stop_gives_every_waiting_republish_its_last_chance(commits):
+    refused = refuse_a_reply(commits)  # its republish is due at 1000.5
+    commits.republish_now()
+    commits.commit_due(commits.channel, commits.send_channel,
+                       commits.scratch, now=1000.1)
+    assert bodies_published(commits.scratch.channel()) == [b'refused']
+    assert error_of(refused) is None
+
+
 def test_republish_that_never_happens_leaves_its_op_in_doubt(
         commits, caplog):
     op = Commit(delivered(1), [outgoing_message()])
