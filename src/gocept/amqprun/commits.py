@@ -288,10 +288,8 @@ class CommitQueue:
         """Make every waiting ``Republish`` due at once: before a stop the
         last pass is their last chance (their messages exist nowhere
         else)."""
-        for op in itertools.chain(
-                list(self._ops), (item[2] for item in self._delayed)):
-            if isinstance(op, gocept.amqprun.channelops.Republish):
-                op.not_before = 0
+        for op in self._waiting_republishes():
+            op.not_before = 0
         self._delayed = [(op.not_before, sequence, op)
                          for _, sequence, op in self._delayed]
         heapq.heapify(self._delayed)
