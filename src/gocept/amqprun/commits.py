@@ -464,14 +464,14 @@ class CommitQueue:
         try:
             self._commit_batch(channel, ops, scratch, now)
         except amqp.exceptions.ChannelError as e:
-            if not gocept.amqprun.connection.closed_by_broker(e, channel):
+            if not gocept.amqprun.connection.is_close_of(e, channel):
                 raise
 
     def _was_refused(self, error, channel):
         """True when the broker closed ``channel`` because of something in
         the transaction (not a consumer_timeout, which closes it too; not
         the close of another channel, which leaves the outcome unknown)."""
-        return (gocept.amqprun.connection.closed_by_broker(error, channel)
+        return (gocept.amqprun.connection.is_close_of(error, channel)
                 and gocept.amqprun.connection.Loss.of(
                     error, 0).ack_timeout is None)
 

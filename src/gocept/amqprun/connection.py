@@ -7,7 +7,7 @@ node of the ``parameters`` module's ``Parameters`` (importable from here as
 ever), ``OpChannel`` is the face of a channel that channel ops see,
 ``ScratchChannel`` asks the questions that may cost a channel (and
 carries the commits that may), ``Channel`` names the channel a broker's
-``channel.close`` was about, ``Loss
+``channel.close`` was about, ``Loss``
 classifies why a connection ended, ``ConnectionHistory`` remembers the
 losses of the last connections.
 """
@@ -194,16 +194,6 @@ class Channel(amqp.Channel):
             e.channel = self
             self.closed_by_broker = e
             raise
-
-
-def closed_by_broker(error, channel):
-    """True when ``error`` is the broker closing ``channel``.
-
-    An error that names no channel is taken for the one of the call that
-    raised it.
-    """
-    return (is_channel_error(error)
-            and getattr(error, 'channel', channel) is channel)
 
 
 def closed_while_opening(error):
@@ -500,7 +490,7 @@ class ScratchChannel:
                 channel.exchange_declare(
                     exchange=name, type='topic', passive=True)
             except amqp.exceptions.ChannelError as e:
-                if not closed_by_broker(e, channel):
+                if not is_close_of(e, channel):
                     raise  # about another channel: the connection's trouble
                 self._refused()
                 at, reason = self._missing[name] = (now, e)
@@ -521,7 +511,7 @@ class ScratchChannel:
         try:
             channel.tx_rollback()
         except amqp.exceptions.ChannelError as e:
-            if not closed_by_broker(e, channel):
+            if not is_close_of(e, channel):
                 raise  # about another channel: the connection's trouble
             self._refused()
             raise refusal(message, e) from e
@@ -661,6 +651,16 @@ class ConnectionHistory:
 def is_channel_error(error):
     """True when the broker closed a channel (the connection may live)."""
     return isinstance(error, amqp.exceptions.ChannelError)
+
+
+def is_close_of(error, channel):
+    """True when ``error`` is the broker closing ``channel``.
+
+    An error that names no channel is taken for the one of the call that
+    raised it.
+    """
+    return (is_channel_error(error)
+            and getattr(error, 'channel', channel) is channel)
 
 
 def is_partial_commit(error):

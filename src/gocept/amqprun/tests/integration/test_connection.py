@@ -26,7 +26,7 @@ def test_a_broker_close_names_its_channel_in_a_wait_on_another(connection):
     assert caught.value.channel is closing
     assert closing.closed_by_broker is caught.value
     assert waiting.closed_by_broker is None
-    assert not gocept.amqprun.connection.closed_by_broker(
+    assert not gocept.amqprun.connection.is_close_of(
         caught.value, waiting)
     waiting.basic_qos(0, 1, False)  # the connection lives on
 
