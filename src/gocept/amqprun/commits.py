@@ -160,14 +160,14 @@ class CommitQueue:
         self.gathering = Gathering(commit_delay, workers)
         self._ops = collections.deque()
         self._delayed = []
-        #: Claimed ops that publish, held while the broker blocks.
+        #: Claimed ops that publish, held (see :meth:`_must_hold`).
         self._held = []
         self._sequence = itertools.count()
         #: Callables ``observer(size, seconds)`` told about each AMQP
         #: transaction committed (see ``IServer.commit_observers``).
         self.observers = []
-        #: How many refused messages wait to be published again (while
-        #: there are any, ops that publish are held); as of the last pass.
+        #: How many refused messages wait to be published again (ops that
+        #: publish where they go are held meanwhile); as of the last pass.
         self.republishing = 0
         #: Keys of received messages whose publish the broker refused.
         self._suspects = collections.OrderedDict()
@@ -182,7 +182,8 @@ class CommitQueue:
 
     @property
     def held(self):
-        """How many ops are held while the broker blocks publishing."""
+        """How many ops are held: the broker blocks publishing, or they
+        publish where refused messages wait to be published again."""
         return len(self._held)
 
     def delivered(self, delivery):
@@ -314,8 +315,8 @@ class CommitQueue:
                 self._ops.append(op)
             elif op in held or op.claim():
                 op.resolve(error or self.history.stale_error(op.delivery))
-                resolved += not isinstance(
-                    op, gocept.amqprun.channelops.Republish)
+                if not isinstance(op, gocept.amqprun.channelops.Republish):
+                    resolved += 1
         return resolved
 
     def _claim_due(self, now, blocked):
