@@ -1,7 +1,5 @@
 """``connection`` against the real broker: what py-amqp internals it hooks
 still behave as it expects (see setup.py's version range)."""
-import time
-
 import amqp.exceptions
 import pytest
 
@@ -16,13 +14,19 @@ def connection(amqp_broker, amqp_vhost):
     connection.collect()
 
 
+def wait_on(channel, attempts=100):
+    """Round trips on ``channel`` until one of them raises."""
+    for _ in range(attempts):
+        channel.basic_qos(0, 1, False)
+    pytest.fail('no error within %d round trips' % attempts)
+
+
 def test_a_broker_close_names_its_channel_in_a_wait_on_another(connection):
     closing, waiting = connection.channel(), connection.channel()
     closing.exchange_declare('no-such-exchange', 'topic', passive=True,
                              nowait=True)
-    time.sleep(0.5)  # the broker's channel.close is on its way
     with pytest.raises(amqp.exceptions.NotFound) as caught:
-        waiting.basic_qos(0, 1, False)  # reads the close first
+        wait_on(waiting)  # one of its waits reads the other's close
     assert caught.value.channel is closing
     assert closing.closed_by_broker is caught.value
     assert waiting.closed_by_broker is None
