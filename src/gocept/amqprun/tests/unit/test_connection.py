@@ -527,25 +527,28 @@ def test_publish_writes_what_py_amqp_basic_publish_writes_without_reading():
     assert struct.unpack('>HH', method_frame[7:11]) == amqp.spec.Basic.Publish
 
 
+def waits(channel):
+    """The methods ``channel`` waits for from now on (recorded, not read)."""
+    waited = []
+    channel.wait = lambda method, returns_tuple=False: waited.append(method)
+    return waited
+
+
 def test_send_commit_writes_what_py_amqp_tx_commit_writes_in_one_go():
     # Fails loudly when py-amqp changes how tx_commit sends and waits
     # (version range pinned in setup.py).
     ours, theirs = WritingConnection(), WritingConnection()
-    waited = {ours: [], theirs: []}
-    channels = {}
-    for connection in (ours, theirs):
-        channel = channels[connection] = py_amqp_channel(connection)
-        channel.wait = (lambda method, returns_tuple=False, waited=waited[
-            connection]: waited.append(method))
-    op_channel = OpChannel(channels[ours])
+    our_channel, their_channel = py_amqp_channel(ours), py_amqp_channel(theirs)
+    we_waited, they_waited = waits(our_channel), waits(their_channel)
+    op_channel = OpChannel(our_channel)
     op_channel.basic_ack(7)
     op_channel.send_commit()
     op_channel.wait_for_commit()
-    channels[theirs].basic_ack(7)
-    channels[theirs].tx_commit()
+    their_channel.basic_ack(7)
+    their_channel.tx_commit()
     assert len(ours.transport.sent) == 1
     assert ours.transport.sent == [b''.join(theirs.transport.sent)]
-    assert waited[ours] == waited[theirs] == [amqp.spec.Tx.CommitOk]
+    assert we_waited == they_waited == [amqp.spec.Tx.CommitOk]
 
 
 def test_publish_on_a_closed_channel_is_a_connection_error():
